@@ -1,0 +1,431 @@
+//! The user-facing client: [`Locks`] and its request builders.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::driver::{Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, OwnerId, Queued};
+use crate::guard::Guard;
+use crate::lease::{release_in_background, Lease};
+use crate::metrics as m;
+use crate::{Error, LockMode, LockName, Result};
+
+/// The lease TTL used when a request does not set one.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+/// A lock client over one driver. Cheap to clone; clones share the driver and the owner-id sequence.
+///
+/// ```
+/// use std::time::Duration;
+/// use dlock_core::{Locks, LockMode, MemoryDriver};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> dlock_core::Result<()> {
+/// let locks = Locks::new(MemoryDriver::new());
+/// let guard = locks
+///     .lock("stock/42")
+///     .mode(LockMode::PW)
+///     .ttl(Duration::from_secs(10))
+///     .timeout(Duration::from_secs(3))
+///     .await?;
+/// println!("fencing token {}", guard.fencing_token());
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Locks {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    driver: Arc<dyn Driver>,
+    capabilities: Capabilities,
+    client_id: String,
+    next_owner: AtomicU64,
+}
+
+impl Locks {
+    /// A client over `driver`.
+    pub fn new(driver: impl Driver) -> Self {
+        Self::from_arc(Arc::new(driver))
+    }
+
+    /// A client over a shared driver.
+    pub fn from_arc(driver: Arc<dyn Driver>) -> Self {
+        let capabilities = driver.capabilities();
+        Locks {
+            inner: Arc::new(ClientInner {
+                driver,
+                capabilities,
+                client_id: format!("{:016x}", rand::random::<u64>()),
+                next_owner: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// A request for the lock `name`, in mode `EX` with a [`DEFAULT_TTL`] lease and no timeout unless
+    /// set otherwise. Await it to wait in line, or call [`LockRequest::try_acquire`].
+    pub fn lock(&self, name: impl Into<String>) -> LockRequest {
+        LockRequest {
+            locks: self.clone(),
+            name: name.into(),
+            options: Options::default(),
+        }
+    }
+
+    /// A request for several locks at once, taken one by one in canonical (sorted) order so that two
+    /// callers asking for overlapping sets cannot deadlock. Duplicate names are taken once.
+    ///
+    /// ```
+    /// use dlock_core::{Locks, MemoryDriver};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> dlock_core::Result<()> {
+    /// let locks = Locks::new(MemoryDriver::new());
+    /// let guards = locks.lock_all(["account/b", "account/a"]).await?;
+    /// assert_eq!(guards[0].name().as_str(), "account/a");
+    /// # Ok(()) }
+    /// ```
+    pub fn lock_all<I, S>(&self, names: I) -> LockAllRequest
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        LockAllRequest {
+            locks: self.clone(),
+            names: names.into_iter().map(Into::into).collect(),
+            options: Options::default(),
+        }
+    }
+
+    /// What the driver promises.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.inner.capabilities
+    }
+
+    /// The driver behind this client.
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.inner.driver
+    }
+
+    /// The live entries of a lock's queue, in queue order: who holds it and who waits.
+    pub async fn inspect(&self, name: &str) -> Result<Vec<EntryInfo>> {
+        self.inner.driver.inspect(&LockName::new(name)?).await
+    }
+
+    fn next_owner(&self) -> OwnerId {
+        OwnerId::new(
+            &self.inner.client_id,
+            self.inner.next_owner.fetch_add(1, Ordering::Relaxed),
+        )
+    }
+}
+
+impl std::fmt::Debug for Locks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Locks")
+            .field("driver", &self.inner.capabilities.driver)
+            .field("client_id", &self.inner.client_id)
+            .finish()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Options {
+    mode: LockMode,
+    ttl: Duration,
+    timeout: Option<Duration>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mode: LockMode::EX,
+            ttl: DEFAULT_TTL,
+            timeout: None,
+        }
+    }
+}
+
+impl Options {
+    fn check(&self, caps: &Capabilities) -> Result<()> {
+        if self.ttl.is_zero() {
+            return Err(Error::InvalidTtl {
+                ttl: self.ttl,
+                reason: "a lease needs a TTL above zero".into(),
+            });
+        }
+        if self.ttl < caps.min_ttl {
+            return Err(Error::InvalidTtl {
+                ttl: self.ttl,
+                reason: format!(
+                    "the {} driver needs at least {:?}",
+                    caps.driver, caps.min_ttl
+                ),
+            });
+        }
+        if !caps.modes.contains(&self.mode) {
+            return Err(Error::Unsupported {
+                driver: caps.driver,
+                what: format!("lock mode {}", self.mode),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A request for one lock, built by [`Locks::lock`]. Await it to acquire (waiting in FIFO order), or
+/// call [`LockRequest::try_acquire`] to take it only if it is free now.
+#[must_use = "a lock request does nothing until awaited or try_acquire()d"]
+pub struct LockRequest {
+    locks: Locks,
+    name: String,
+    options: Options,
+}
+
+impl LockRequest {
+    /// The mode to hold (default `EX`).
+    pub fn mode(mut self, mode: LockMode) -> Self {
+        self.options.mode = mode;
+        self
+    }
+
+    /// The lease TTL (default [`DEFAULT_TTL`]). The lease renews itself at about a third of it while the
+    /// guard lives; a crashed holder's lock is free again at most this long after its last renewal.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.options.ttl = ttl;
+        self
+    }
+
+    /// How long a blocking acquire may wait before failing with [`Error::Timeout`] (default: no limit).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.options.timeout = Some(timeout);
+        self
+    }
+
+    /// Takes the lock only if it can be granted at once; otherwise [`Error::WouldBlock`], leaving
+    /// nothing queued.
+    pub async fn try_acquire(self) -> Result<Guard> {
+        acquire(self.locks, self.name, self.options, false).await
+    }
+}
+
+impl IntoFuture for LockRequest {
+    type Output = Result<Guard>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Guard>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(acquire(self.locks, self.name, self.options, true))
+    }
+}
+
+/// Removes a queued entry (spawned) when the acquire that made it does not end with a guard: dropped,
+/// timed out or failed. The lease TTL is the backstop.
+struct DequeueOnDrop {
+    driver: Arc<dyn Driver>,
+    key: EntryKey,
+    ttl: Duration,
+    armed: bool,
+}
+
+impl Drop for DequeueOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            release_in_background(Arc::clone(&self.driver), self.key.clone(), self.ttl);
+        }
+    }
+}
+
+/// Records the acquire outcome; an acquire dropped before it finished counts as `cancelled`.
+struct Outcome {
+    driver: &'static str,
+    label: &'static str,
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        metrics::counter!(m::ACQUIRE_TOTAL, "driver" => self.driver, "outcome" => self.label)
+            .increment(1);
+    }
+}
+
+fn outcome_label(result: &Result<Guard>) -> &'static str {
+    match result {
+        Ok(_) => "granted",
+        Err(Error::WouldBlock { .. }) => "would_block",
+        Err(Error::Timeout { .. }) => "timeout",
+        Err(Error::Lost { .. }) => "lost",
+        Err(_) => "error",
+    }
+}
+
+async fn acquire(locks: Locks, name: String, options: Options, wait: bool) -> Result<Guard> {
+    let caps = &locks.inner.capabilities;
+    let span = tracing::debug_span!("dlock.acquire", name = %name, mode = %options.mode, wait);
+    let mut outcome = Outcome {
+        driver: caps.driver,
+        label: "cancelled",
+    };
+    let started = Instant::now();
+    let result = async {
+        let name = LockName::new(name)?;
+        options.check(caps)?;
+        enqueue_and_wait(&locks, name, options, wait, started).await
+    }
+    .instrument(span)
+    .await;
+    outcome.label = outcome_label(&result);
+    if result.is_ok() {
+        metrics::histogram!(m::ACQUIRE_WAIT_SECONDS, "driver" => caps.driver)
+            .record(started.elapsed().as_secs_f64());
+    }
+    result
+}
+
+async fn enqueue_and_wait(
+    locks: &Locks,
+    name: LockName,
+    options: Options,
+    wait: bool,
+    started: Instant,
+) -> Result<Guard> {
+    let driver = Arc::clone(&locks.inner.driver);
+    let key = EntryKey {
+        name,
+        owner: locks.next_owner(),
+    };
+    let request = EntryRequest {
+        key: key.clone(),
+        mode: options.mode,
+        ttl: options.ttl,
+        wait,
+    };
+    let mut dequeue = DequeueOnDrop {
+        driver: Arc::clone(&driver),
+        key: key.clone(),
+        ttl: options.ttl,
+        armed: true,
+    };
+    let sent = Instant::now();
+    let queued = driver.enqueue(&request).await;
+    if matches!(queued, Err(Error::WouldBlock { .. })) {
+        // The driver left nothing queued.
+        dequeue.armed = false;
+    }
+    let queued = queued?;
+    let lease = Lease::new(Arc::clone(&driver), key.clone(), options.ttl, sent);
+    let keeper = lease.spawn_keeper(sent);
+    // From here on the keeper task must not outlive a failed acquire.
+    let keeper = AbortOnDrop(Some(keeper));
+    let grant = match queued {
+        Queued::Granted(grant) => grant,
+        Queued::Waiting => {
+            let deadline = options.timeout.map(|t| started + t);
+            let waited = async {
+                tokio::select! {
+                    grant = driver.wait(&key) => grant,
+                    _ = lease.lost() => Err(Error::Lost { name: key.name.to_string() }),
+                }
+            };
+            match deadline {
+                Some(deadline) => {
+                    tokio::time::timeout_at(deadline, waited)
+                        .await
+                        .map_err(|_| Error::Timeout {
+                            name: key.name.to_string(),
+                            waited: started.elapsed(),
+                        })??
+                }
+                None => waited.await?,
+            }
+        }
+    };
+    if !lease_still_valid(&lease) {
+        return Err(Error::Lost {
+            name: key.name.to_string(),
+        });
+    }
+    dequeue.armed = false;
+    Ok(Guard::new(lease, keeper.take(), grant.mode, grant.token))
+}
+
+fn lease_still_valid(lease: &Lease) -> bool {
+    let status = lease.status();
+    status.state != crate::LeaseState::Lost && Instant::now() < status.valid_until
+}
+
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    fn take(mut self) -> tokio::task::JoinHandle<()> {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// A request for several locks, built by [`Locks::lock_all`]. Awaiting it yields the guards in
+/// canonical order; if any lock cannot be taken, the ones already taken are released.
+#[must_use = "a lock request does nothing until awaited"]
+pub struct LockAllRequest {
+    locks: Locks,
+    names: Vec<String>,
+    options: Options,
+}
+
+impl LockAllRequest {
+    /// The mode to hold on every name (default `EX`).
+    pub fn mode(mut self, mode: LockMode) -> Self {
+        self.options.mode = mode;
+        self
+    }
+
+    /// The lease TTL of every lock (default [`DEFAULT_TTL`]).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.options.ttl = ttl;
+        self
+    }
+
+    /// How long the whole request may wait (default: no limit).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.options.timeout = Some(timeout);
+        self
+    }
+}
+
+impl IntoFuture for LockAllRequest {
+    type Output = Result<Vec<Guard>>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Vec<Guard>>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let mut names = self
+                .names
+                .iter()
+                .map(LockName::new)
+                .collect::<Result<Vec<_>>>()?;
+            names.sort();
+            names.dedup();
+            let started = Instant::now();
+            let mut guards = Vec::with_capacity(names.len());
+            for name in names {
+                let mut options = self.options;
+                if let Some(timeout) = options.timeout {
+                    options.timeout = Some(timeout.saturating_sub(started.elapsed()));
+                }
+                // On error the guards taken so far drop and release in the background.
+                guards.push(acquire(self.locks.clone(), name.to_string(), options, true).await?);
+            }
+            Ok(guards)
+        })
+    }
+}

@@ -1,0 +1,197 @@
+//! The driver trait: how a store performs the lock operations. Everything users touch lives in core.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::{LockMode, LockName, Result};
+
+/// Identifies the owner of one queue entry: unique per acquire, so a retried or stale release can only
+/// ever remove the entry it was made for.
+///
+/// Owner ids consist of ASCII letters, digits and `-` only, so drivers may use them in keys as they are.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerId(Arc<str>);
+
+impl OwnerId {
+    /// Builds an owner id from a client id and a per-client counter.
+    pub(crate) fn new(client: &str, counter: u64) -> Self {
+        OwnerId(Arc::from(format!("{client}-{counter}")))
+    }
+
+    /// Wraps an id read back from a store. `None` unless it consists of ASCII letters, digits and `-`.
+    pub fn parse(id: &str) -> Option<Self> {
+        (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            .then(|| OwnerId(Arc::from(id)))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OwnerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for OwnerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// The address of one queue entry: a lock name and the owner of the entry.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EntryKey {
+    /// The lock name.
+    pub name: LockName,
+    /// The entry's owner.
+    pub owner: OwnerId,
+}
+
+/// A request to queue an entry.
+#[derive(Clone, Debug)]
+pub struct EntryRequest {
+    /// Where the entry goes.
+    pub key: EntryKey,
+    /// The requested mode.
+    pub mode: LockMode,
+    /// The lease: the store drops the entry this long after the last request that created or renewed it
+    /// arrived, unless renewed again.
+    pub ttl: Duration,
+    /// When `false`, an entry that cannot be granted at once must not stay queued: the driver answers
+    /// [`Error::WouldBlock`](crate::Error::WouldBlock) and leaves no trace.
+    pub wait: bool,
+}
+
+/// The answer to [`Driver::enqueue`] and [`Driver::convert`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queued {
+    /// Granted at once.
+    Granted(Grant),
+    /// Queued; [`Driver::wait`] resolves when it is granted.
+    Waiting,
+}
+
+/// A granted mode and its fencing token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The mode now held.
+    pub mode: LockMode,
+    /// Strictly greater than the token of every earlier grant that this one conflicts with on the same
+    /// name and store (see [`Capabilities::fencing`]).
+    pub token: u64,
+}
+
+/// One entry of a name's queue, as [`Driver::inspect`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// The entry's owner.
+    pub owner: OwnerId,
+    /// Arrival order in the store.
+    pub seq: u64,
+    /// Held or requested mode.
+    pub mode: LockMode,
+    /// Whether the mode is held.
+    pub granted: bool,
+    /// A pending conversion.
+    pub converting_to: Option<LockMode>,
+}
+
+/// What a driver promises. Conformance tests skip, visibly, only what a driver does not claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// The driver's name, used in errors, metrics and logs.
+    pub driver: &'static str,
+    /// Modes the driver supports.
+    pub modes: Vec<LockMode>,
+    /// Grants come with fencing tokens that increase along every chain of conflicting holders.
+    pub fencing: bool,
+    /// Tokens increase with every grant on a name, conflicting or not.
+    pub fencing_total_order: bool,
+    /// Waiters are granted in FIFO order ([`crate::grant`]).
+    pub fair: bool,
+    /// Each entry keeps its own TTL. When `false`, the driver keeps one lease per client and `ttl` in
+    /// requests is that lease's TTL.
+    pub per_request_ttl: bool,
+    /// Conversions (`Guard::convert`) are supported.
+    pub conversion: bool,
+    /// Locks are shared between processes (every real store; not the in-memory driver).
+    pub shared_between_processes: bool,
+    /// The shortest TTL the driver accepts.
+    pub min_ttl: Duration,
+}
+
+/// How a store performs the lock operations.
+///
+/// Implementations hold no client-facing logic: queueing, timeouts, cancellation, the lease keeper and
+/// the lost signal are core's. Every method must be safe to retry, and `wait` must be safe to drop
+/// (cancellation).
+///
+/// The grant decision follows [`crate::grant`]; drivers deciding client-side call it directly.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// What the driver promises.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Appends an entry for `request.key` to the name's queue and grants it if the grant rule allows.
+    ///
+    /// With `request.wait == false` and no immediate grant, returns
+    /// [`Error::WouldBlock`](crate::Error::WouldBlock) and leaves nothing queued.
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued>;
+
+    /// Resolves once the entry is granted, or once its pending conversion is granted. Returns
+    /// [`Error::Lost`](crate::Error::Lost) when the entry is gone (expired or released).
+    async fn wait(&self, key: &EntryKey) -> Result<Grant>;
+
+    /// Extends the entry's lease by `ttl` from when the store receives the request. Returns the local
+    /// instant at or before which the request that extended the lease was sent (drivers sharing one lease
+    /// between entries return when that lease's confirmed renewal was sent).
+    /// [`Error::Lost`](crate::Error::Lost) when the entry is gone.
+    async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant>;
+
+    /// Removes the entry, granted or waiting. Removing an entry that is already gone succeeds.
+    async fn release(&self, key: &EntryKey) -> Result<()>;
+
+    /// Asks for the granted entry to hold `mode` instead. Granted at once when the rule allows (always
+    /// when `mode` is weaker); otherwise the conversion is pending and [`Driver::wait`] resolves when it
+    /// is granted. Converting to the mode held cancels a pending conversion.
+    /// [`Error::ConversionDeadlock`](crate::Error::ConversionDeadlock) when it would deadlock (nothing is
+    /// changed then).
+    async fn convert(&self, key: &EntryKey, mode: LockMode) -> Result<Queued>;
+
+    /// The live entries of a name's queue, in queue order.
+    async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>>;
+}
+
+#[async_trait]
+impl<D: Driver + ?Sized> Driver for Arc<D> {
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+        (**self).enqueue(request).await
+    }
+    async fn wait(&self, key: &EntryKey) -> Result<Grant> {
+        (**self).wait(key).await
+    }
+    async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
+        (**self).renew(key, ttl).await
+    }
+    async fn release(&self, key: &EntryKey) -> Result<()> {
+        (**self).release(key).await
+    }
+    async fn convert(&self, key: &EntryKey, mode: LockMode) -> Result<Queued> {
+        (**self).convert(key, mode).await
+    }
+    async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
+        (**self).inspect(name).await
+    }
+}

@@ -1,0 +1,16 @@
+//! Names of the metrics dlock records through the [`metrics`] facade. Every metric carries a `driver`
+//! label; install any `metrics` recorder (Prometheus, StatsD, …) to collect them.
+
+/// Counter of acquire attempts, labelled `outcome`: `granted`, `would_block`, `timeout`, `lost`,
+/// `error` or `cancelled`.
+pub const ACQUIRE_TOTAL: &str = "dlock_acquire_total";
+/// Histogram of seconds from asking for a lock to holding it (granted acquires only).
+pub const ACQUIRE_WAIT_SECONDS: &str = "dlock_acquire_wait_seconds";
+/// Histogram of seconds a lock was held, from grant to release or loss.
+pub const HOLD_SECONDS: &str = "dlock_hold_seconds";
+/// Counter of lease renewals, labelled `outcome`: `ok` or `error`.
+pub const RENEWALS_TOTAL: &str = "dlock_renewals_total";
+/// Counter of locks lost because their lease could not be renewed in time.
+pub const LOST_TOTAL: &str = "dlock_lost_total";
+/// Counter of releases that failed after every retry (the lease TTL frees the entry then).
+pub const RELEASE_FAILURES_TOTAL: &str = "dlock_release_failures_total";

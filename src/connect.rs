@@ -1,0 +1,112 @@
+//! Picking a driver from a URL.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use dlock_core::{Error, Locks, MemoryDriver, Result};
+
+/// Connects to the lock store named by `url` and returns a client.
+///
+/// | scheme | driver | feature |
+/// |--------|--------|---------|
+/// | `mem://` | a new in-process store, private to this client | (always) |
+/// | `mem://NAME` | the in-process store `NAME`, shared by every `connect` to it in this process | (always) |
+///
+/// A scheme whose driver is not compiled in is refused with an error that names the feature to enable.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> dlock::Result<()> {
+/// let a = dlock::connect("mem://shop").await?;
+/// let b = dlock::connect("mem://shop").await?;
+/// let held = a.lock("stock/42").await?;
+/// assert!(b.lock("stock/42").try_acquire().await.unwrap_err().is_would_block());
+/// # drop(held); Ok(()) }
+/// ```
+pub async fn connect(url: &str) -> Result<Locks> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| Error::InvalidUrl {
+        url: url.to_owned(),
+        reason: "expected SCHEME://…, for example mem:// or redis://127.0.0.1:6379".into(),
+    })?;
+    match scheme {
+        "mem" => Ok(Locks::new(memory_store(rest)?)),
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => missing_feature(scheme, "redis"),
+        "etcd" | "etcds" => missing_feature(scheme, "etcd"),
+        "nats" | "tls" => missing_feature(scheme, "jetstream"),
+        _ => Err(Error::InvalidUrl {
+            url: url.to_owned(),
+            reason: format!(
+                "unknown scheme {scheme:?}; use mem://, redis://, rediss://, etcd:// or nats://"
+            ),
+        }),
+    }
+}
+
+fn memory_store(name: &str) -> Result<MemoryDriver> {
+    if name.is_empty() {
+        return Ok(MemoryDriver::new());
+    }
+    if name.contains(['/', '?', '#', '@', ':']) {
+        return Err(Error::InvalidUrl {
+            url: format!("mem://{name}"),
+            reason: "an in-memory store name is one word: mem://NAME".into(),
+        });
+    }
+    static STORES: OnceLock<Mutex<HashMap<String, MemoryDriver>>> = OnceLock::new();
+    let mut stores = STORES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    Ok(stores.entry(name.to_owned()).or_default().clone())
+}
+
+fn missing_feature(scheme: &str, feature: &str) -> Result<Locks> {
+    Err(Error::Unsupported {
+        driver: "connect",
+        what: format!(
+            "{scheme}:// URLs need the `{feature}` feature of dlock: `cargo add dlock --features {feature}` (or enable `full`)"
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unknown_scheme_is_a_clear_error() {
+        let msg = connect("zookeeper://127.0.0.1:2181")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("unknown scheme \"zookeeper\""), "{msg}");
+        let msg = connect("127.0.0.1:6379").await.unwrap_err().to_string();
+        assert!(msg.contains("SCHEME://"), "{msg}");
+    }
+
+    #[cfg(not(feature = "redis"))]
+    #[tokio::test]
+    async fn scheme_without_its_feature_names_the_feature() {
+        let msg = connect("redis://127.0.0.1:6379")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("`redis` feature"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn named_memory_stores_are_shared_and_unnamed_ones_are_not() {
+        let a = connect("mem://facade-test").await.unwrap();
+        let b = connect("mem://facade-test").await.unwrap();
+        let held = a.lock("x").await.unwrap();
+        assert!(b
+            .lock("x")
+            .try_acquire()
+            .await
+            .unwrap_err()
+            .is_would_block());
+        let c = connect("mem://").await.unwrap();
+        c.lock("x").try_acquire().await.unwrap();
+        drop(held);
+    }
+}
