@@ -30,6 +30,11 @@ pub async fn connect(url: &str) -> Result<Locks> {
     })?;
     match scheme {
         "mem" => Ok(Locks::new(memory_store(rest)?)),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {
+            Ok(Locks::new(dlock_redis::RedisDriver::connect(url).await?))
+        }
+        #[cfg(not(feature = "redis"))]
         "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => missing_feature(scheme, "redis"),
         "etcd" | "etcds" => missing_feature(scheme, "etcd"),
         "nats" | "tls" => missing_feature(scheme, "jetstream"),

@@ -1,0 +1,423 @@
+//! The in-memory driver's lease, cancellation and conversion behaviour, on tokio's paused clock: time
+//! only moves when every task waits, so "before", "after" and "at once" are exact, not timings.
+
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dlock_core::{
+    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LeaseState, LockMode,
+    LockName, Locks, MemoryDriver, Queued, Result,
+};
+use tokio::time::{timeout, Instant};
+
+const TTL: Duration = Duration::from_secs(3);
+
+/// The memory driver behind a switchable network cut: while cut, every call from this client hangs,
+/// as it would against an unreachable store, while the store itself (and its clock) goes on.
+#[derive(Clone)]
+struct Partitionable {
+    store: MemoryDriver,
+    cut: Arc<AtomicBool>,
+}
+
+impl Partitionable {
+    fn new(store: &MemoryDriver) -> Self {
+        Partitionable {
+            store: store.clone(),
+            cut: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    async fn gate(&self) {
+        if self.cut.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for Partitionable {
+    fn capabilities(&self) -> Capabilities {
+        self.store.capabilities()
+    }
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+        self.gate().await;
+        self.store.enqueue(request).await
+    }
+    async fn wait(&self, key: &EntryKey) -> Result<Grant> {
+        self.gate().await;
+        self.store.wait(key).await
+    }
+    async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
+        self.gate().await;
+        self.store.renew(key, ttl).await
+    }
+    async fn release(&self, key: &EntryKey) -> Result<()> {
+        self.gate().await;
+        self.store.release(key).await
+    }
+    async fn convert(&self, key: &EntryKey, mode: LockMode) -> Result<Queued> {
+        self.gate().await;
+        self.store.convert(key, mode).await
+    }
+    async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
+        self.gate().await;
+        self.store.inspect(name).await
+    }
+}
+
+fn name(s: &str) -> LockName {
+    LockName::new(s).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_expiry_frees_a_lock_nobody_renews() {
+    let store = MemoryDriver::new();
+    let crashed = EntryKey {
+        name: name("x"),
+        owner: dlock_core::OwnerId::parse("crashed-1").unwrap(),
+    };
+    let queued = store
+        .enqueue(&EntryRequest {
+            key: crashed,
+            mode: LockMode::EX,
+            ttl: TTL,
+            wait: true,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(queued, Queued::Granted(_)));
+    let locks = Locks::new(store);
+    let start = Instant::now();
+    assert!(locks
+        .lock("x")
+        .try_acquire()
+        .await
+        .unwrap_err()
+        .is_would_block());
+    let guard = locks.lock("x").timeout(TTL * 2).await.unwrap();
+    assert_eq!(
+        start.elapsed(),
+        TTL,
+        "granted exactly when the crashed holder's lease ran out"
+    );
+    assert!(guard.is_valid());
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_keeps_a_lock_past_three_ttls() {
+    let locks = Locks::new(MemoryDriver::new());
+    let guard = locks.lock("x").ttl(TTL).await.unwrap();
+    tokio::time::sleep(TTL * 3 + TTL / 2).await;
+    assert!(guard.is_valid());
+    assert_eq!(guard.status().state, LeaseState::Held);
+    assert!(locks
+        .lock("x")
+        .try_acquire()
+        .await
+        .unwrap_err()
+        .is_would_block());
+    assert!(guard.status().valid_until > Instant::now() + TTL / 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cut_off_holder_sees_lost_before_the_store_frees_the_lock() {
+    let store = MemoryDriver::new();
+    let holder_link = Partitionable::new(&store);
+    let holder = Locks::new(holder_link.clone());
+    let guard = holder.lock("x").ttl(TTL).await.unwrap();
+    holder_link.cut.store(true, Ordering::SeqCst);
+    let other = Locks::new(store.clone());
+    let waiter = tokio::spawn(async move {
+        let g = other.lock("x").await.unwrap();
+        (Instant::now(), g)
+    });
+    guard.lost().await;
+    let lost_at = Instant::now();
+    assert_eq!(guard.status().state, LeaseState::Lost);
+    assert!(!guard.is_valid());
+    let entries = store.inspect(&name("x")).await.unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.granted && e.owner == guard.entry_key().owner),
+        "the store still holds the entry when the holder learns it lost it"
+    );
+    let (granted_at, _g) = waiter.await.unwrap();
+    assert!(
+        lost_at < granted_at,
+        "lost at {lost_at:?}, next grant at {granted_at:?}"
+    );
+    assert!(lost_at <= guard.status().valid_until);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_waiting_acquire_lets_the_next_waiter_in_at_once() {
+    let locks = Locks::new(MemoryDriver::new());
+    let holder = locks.lock("x").ttl(TTL).await.unwrap();
+    let dropped = tokio::spawn(locks.lock("x").ttl(TTL).into_future());
+    let next = tokio::spawn(locks.lock("x").ttl(TTL).into_future());
+    // Both waiters are queued once the clock may move.
+    while locks.inspect("x").await.unwrap().len() < 3 {
+        tokio::task::yield_now().await;
+    }
+    dropped.abort();
+    while locks.inspect("x").await.unwrap().len() > 2 {
+        tokio::task::yield_now().await;
+    }
+    holder.release().await.unwrap();
+    let start = Instant::now();
+    let guard = timeout(TTL / 2, next)
+        .await
+        .expect("granted without waiting for a ghost's lease")
+        .unwrap()
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    drop(guard);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_guard_releases_it() {
+    let locks = Locks::new(MemoryDriver::new());
+    let guard = locks.lock("x").ttl(TTL).await.unwrap();
+    let waiter = tokio::spawn(locks.lock("x").ttl(TTL).into_future());
+    drop(guard);
+    let start = Instant::now();
+    timeout(TTL / 2, waiter)
+        .await
+        .expect("granted before the lease could expire")
+        .unwrap()
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_release_never_removes_a_newer_holders_entry() {
+    let store = MemoryDriver::new();
+    let old_link = Partitionable::new(&store);
+    let old = Locks::new(old_link.clone())
+        .lock("x")
+        .ttl(TTL)
+        .await
+        .unwrap();
+    let old_key = old.entry_key().clone();
+    old_link.cut.store(true, Ordering::SeqCst);
+    old.lost().await;
+    let newer = Locks::new(store.clone()).lock("x").ttl(TTL).await.unwrap();
+    // The old holder's release arrives late, after the newer holder got the lock.
+    store.release(&old_key).await.unwrap();
+    store.release(&old_key).await.unwrap();
+    let entries = store.inspect(&name("x")).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].owner, newer.entry_key().owner);
+    assert!(newer.fencing_token() > old.fencing_token());
+}
+
+#[tokio::test(start_paused = true)]
+async fn conversion_down_is_immediate_and_up_waits_for_other_holders() {
+    let locks = Locks::new(MemoryDriver::new());
+    let mut writer = locks.lock("x").mode(LockMode::EX).await.unwrap();
+    let first_token = writer.fencing_token();
+    writer.convert(LockMode::PR).await.unwrap();
+    assert_eq!(writer.mode(), LockMode::PR);
+    assert!(writer.fencing_token() > first_token);
+    let reader = locks
+        .lock("x")
+        .mode(LockMode::PR)
+        .try_acquire()
+        .await
+        .unwrap();
+    let up = tokio::spawn(async move {
+        writer.convert(LockMode::EX).await.unwrap();
+        writer
+    });
+    while !locks
+        .inspect("x")
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.converting_to.is_some())
+    {
+        tokio::task::yield_now().await;
+    }
+    // The pending up-conversion goes before requests queued after it.
+    assert!(locks
+        .lock("x")
+        .mode(LockMode::CR)
+        .try_acquire()
+        .await
+        .unwrap_err()
+        .is_would_block());
+    let reader_token = reader.fencing_token();
+    reader.release().await.unwrap();
+    let writer = up.await.unwrap();
+    assert_eq!(writer.mode(), LockMode::EX);
+    assert!(writer.fencing_token() > reader_token);
+}
+
+#[tokio::test(start_paused = true)]
+async fn mutual_up_conversions_fail_one_with_deadlock() {
+    let locks = Locks::new(MemoryDriver::new());
+    let mut a = locks.lock("x").mode(LockMode::PR).await.unwrap();
+    let mut b = locks.lock("x").mode(LockMode::PR).await.unwrap();
+    let a_up = tokio::spawn(async move {
+        a.convert(LockMode::EX).await.unwrap();
+        a
+    });
+    while !locks
+        .inspect("x")
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.converting_to.is_some())
+    {
+        tokio::task::yield_now().await;
+    }
+    let err = b.convert(LockMode::EX).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ConversionDeadlock {
+                from: LockMode::PR,
+                to: LockMode::EX,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(b.mode(), LockMode::PR);
+    b.release().await.unwrap();
+    let a = a_up.await.unwrap();
+    assert_eq!(a.mode(), LockMode::EX);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_conversion_is_withdrawn() {
+    let locks = Locks::new(MemoryDriver::new());
+    let mut a = locks.lock("x").mode(LockMode::PR).await.unwrap();
+    let b = locks.lock("x").mode(LockMode::PR).await.unwrap();
+    assert!(timeout(TTL, a.convert(LockMode::EX)).await.is_err());
+    while locks
+        .inspect("x")
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.converting_to.is_some())
+    {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.mode(), LockMode::PR);
+    locks
+        .lock("x")
+        .mode(LockMode::CR)
+        .try_acquire()
+        .await
+        .unwrap();
+    drop(b);
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_leaves_the_queue() {
+    let locks = Locks::new(MemoryDriver::new());
+    let _holder = locks.lock("x").await.unwrap();
+    let err = locks
+        .lock("x")
+        .timeout(Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    while locks.inspect("x").await.unwrap().len() > 1 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn lock_all_takes_names_in_canonical_order_and_releases_on_failure() {
+    let locks = Locks::new(MemoryDriver::new());
+    let guards = locks.lock_all(["c", "a", "b", "a"]).await.unwrap();
+    let names: Vec<&str> = guards.iter().map(|g| g.name().as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    drop(guards);
+    let _b = locks.lock("b").await.unwrap();
+    let err = locks
+        .lock_all(["a", "b"])
+        .timeout(Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout());
+    while !locks.inspect("a").await.unwrap().is_empty() {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors() {
+    let locks = Locks::new(MemoryDriver::new());
+    let msg = locks.lock("").await.unwrap_err().to_string();
+    assert!(msg.contains("must not be empty"), "{msg}");
+    let long = "n".repeat(LockName::MAX_LEN + 1);
+    let msg = locks.lock(long).await.unwrap_err().to_string();
+    assert!(msg.contains("limit is 4096 bytes"), "{msg}");
+    let msg = locks
+        .lock("x")
+        .ttl(Duration::ZERO)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("TTL above zero"), "{msg}");
+    let msg = locks
+        .lock("x")
+        .ttl(Duration::from_millis(1))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("needs at least"), "{msg}");
+    let msg = "writer".parse::<LockMode>().unwrap_err().to_string();
+    assert!(msg.contains("unknown lock mode \"writer\""), "{msg}");
+    assert!(
+        locks.inspect("x").await.unwrap().is_empty(),
+        "bad requests leave nothing queued"
+    );
+}
+
+#[test]
+fn metrics_count_acquires_and_hold_time() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let locks = Locks::new(MemoryDriver::new());
+            let g = locks.lock("x").await.unwrap();
+            assert!(locks.lock("x").try_acquire().await.is_err());
+            g.release().await.unwrap();
+        });
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let count = |outcome: &str| {
+        snapshot
+            .iter()
+            .find(|(k, ..)| {
+                k.key().name() == dlock_core::metrics::ACQUIRE_TOTAL
+                    && k.key()
+                        .labels()
+                        .any(|l| l.key() == "outcome" && l.value() == outcome)
+            })
+            .map(|(.., v)| match v {
+                DebugValue::Counter(c) => *c,
+                _ => 0,
+            })
+    };
+    assert_eq!(count("granted"), Some(1));
+    assert_eq!(count("would_block"), Some(1));
+    assert!(snapshot
+        .iter()
+        .any(|(k, ..)| k.key().name() == dlock_core::metrics::HOLD_SECONDS));
+}
