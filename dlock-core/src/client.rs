@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::driver::{Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, OwnerId, Queued};
 use crate::guard::Guard;
-use crate::lease::{release_in_background, Lease};
+use crate::lease::{drift_margin, release_in_background, Lease};
 use crate::metrics as m;
 use crate::{Error, LockMode, LockName, Result};
 
@@ -310,7 +310,25 @@ async fn enqueue_and_wait(
         armed: true,
     };
     let sent = Instant::now();
-    let queued = driver.enqueue(&request).await;
+    let deadline = options.timeout.map(|t| started + t);
+    // A grant that arrives after the lease's first validity window is worthless, so an unanswered
+    // enqueue is abandoned then (or at the caller's deadline, if earlier).
+    let useless_after = sent + options.ttl - drift_margin(options.ttl);
+    let enqueue_deadline = deadline.map_or(useless_after, |d| d.min(useless_after));
+    let queued = match tokio::time::timeout_at(enqueue_deadline, driver.enqueue(&request)).await {
+        Ok(queued) => queued,
+        Err(_) if deadline.is_some_and(|d| d <= useless_after) => Err(Error::Timeout {
+            name: key.name.to_string(),
+            waited: started.elapsed(),
+        }),
+        Err(_) => Err(Error::backend_msg(
+            locks.inner.capabilities.driver,
+            format!(
+                "the store did not answer the request for lock {:?} within its lease TTL ({:?})",
+                key.name, options.ttl
+            ),
+        )),
+    };
     if matches!(queued, Err(Error::WouldBlock { .. })) {
         // The driver left nothing queued.
         dequeue.armed = false;
@@ -323,7 +341,6 @@ async fn enqueue_and_wait(
     let grant = match queued {
         Queued::Granted(grant) => grant,
         Queued::Waiting => {
-            let deadline = options.timeout.map(|t| started + t);
             let waited = async {
                 tokio::select! {
                     grant = driver.wait(&key) => grant,

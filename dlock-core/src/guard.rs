@@ -120,7 +120,14 @@ impl Guard {
         let key = self.lease.key.clone();
         let driver = Arc::clone(&self.lease.driver);
         let held = self.mode;
-        let grant = match driver.convert(&key, mode).await? {
+        let lost = || Error::Lost {
+            name: key.name.to_string(),
+        };
+        let asked = tokio::select! {
+            asked = driver.convert(&key, mode) => asked?,
+            _ = self.lease.lost() => return Err(lost()),
+        };
+        let grant = match asked {
             Queued::Granted(grant) => grant,
             Queued::Waiting => {
                 let withdraw = WithdrawOnDrop {
@@ -130,7 +137,7 @@ impl Guard {
                 };
                 let grant = tokio::select! {
                     grant = driver.wait(&key) => grant?,
-                    _ = self.lease.lost() => return Err(Error::Lost { name: key.name.to_string() }),
+                    _ = self.lease.lost() => return Err(lost()),
                 };
                 withdraw.disarm();
                 grant

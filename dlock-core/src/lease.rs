@@ -203,7 +203,17 @@ pub(crate) async fn release_with_retries(
     let give_up = Instant::now() + ttl;
     let mut backoff = Duration::from_millis(20);
     loop {
-        match driver.release(key).await {
+        let attempt = match tokio::time::timeout_at(give_up, driver.release(key)).await {
+            Ok(attempt) => attempt,
+            Err(_) => Err(crate::Error::backend_msg(
+                driver.capabilities().driver,
+                format!(
+                    "the store did not confirm the release of lock {:?} within the lease TTL",
+                    key.name
+                ),
+            )),
+        };
+        match attempt {
             Ok(()) => return Ok(()),
             Err(err) if err.is_transient() && Instant::now() + backoff < give_up => {
                 tokio::time::sleep(backoff).await;

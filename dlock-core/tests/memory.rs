@@ -421,3 +421,21 @@ fn metrics_count_acquires_and_hold_time() {
         .iter()
         .any(|(k, ..)| k.key().name() == dlock_core::metrics::HOLD_SECONDS));
 }
+
+#[tokio::test(start_paused = true)]
+async fn unreachable_store_fails_instead_of_hanging() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let locks = Locks::new(link.clone());
+    let guard = locks.lock("held").ttl(TTL).await.unwrap();
+    link.cut.store(true, Ordering::SeqCst);
+    let err = locks.lock("x").ttl(TTL).try_acquire().await.unwrap_err();
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    let err = locks.lock("x").ttl(TTL).timeout(TTL / 3).await.unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    let err = guard.release().await.unwrap_err();
+    assert!(
+        err.to_string().contains("did not confirm the release"),
+        "{err}"
+    );
+}
