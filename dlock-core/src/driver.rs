@@ -129,6 +129,35 @@ pub struct Capabilities {
     pub min_ttl: Duration,
 }
 
+impl Capabilities {
+    /// The capabilities of a driver named `driver` that claims nothing yet: no modes, no fencing, no
+    /// fairness, no per-request TTL, no conversion, not shared between processes, a 1 ms minimum TTL.
+    /// Drivers set the fields they honour, so nothing is claimed by accident.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dlock_core::{Capabilities, LockMode};
+    /// let mut caps = Capabilities::new("my-store");
+    /// caps.modes = LockMode::ALL.to_vec();
+    /// caps.fencing = true;
+    /// caps.min_ttl = Duration::from_millis(100);
+    /// assert!(!caps.fair);
+    /// ```
+    pub fn new(driver: &'static str) -> Self {
+        Capabilities {
+            driver,
+            modes: Vec::new(),
+            fencing: false,
+            fencing_total_order: false,
+            fair: false,
+            per_request_ttl: false,
+            conversion: false,
+            shared_between_processes: false,
+            min_ttl: Duration::from_millis(1),
+        }
+    }
+}
+
 /// How a store performs the lock operations.
 ///
 /// Implementations hold no client-facing logic: queueing, timeouts, cancellation, the lease keeper and

@@ -163,15 +163,12 @@ pub fn conversion_deadlocks(queue: &[QueueEntry], index: usize, target: LockMode
     let mut seen = vec![false; sim.len()];
     let mut stack = vec![index];
     while let Some(at) = stack.pop() {
-        for next in 0..sim.len() {
-            if blocks(at, next) {
-                if next == index {
-                    return true;
-                }
-                if !seen[next] {
-                    seen[next] = true;
-                    stack.push(next);
-                }
+        for next in (0..sim.len()).filter(|&next| blocks(at, next)) {
+            if next == index {
+                return true;
+            }
+            if !std::mem::replace(&mut seen[next], true) {
+                stack.push(next);
             }
         }
     }
@@ -193,7 +190,7 @@ mod tests {
         }
     }
 
-    fn settle(queue: &mut Vec<QueueEntry>) -> Vec<u64> {
+    fn settle(queue: &mut [QueueEntry]) -> Vec<u64> {
         let d = decide(queue);
         apply(queue, &d);
         let mut seqs: Vec<u64> = d

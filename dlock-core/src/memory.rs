@@ -139,17 +139,15 @@ fn granted(entry: &MemEntry) -> Option<Grant> {
 #[async_trait]
 impl Driver for MemoryDriver {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            driver: DRIVER,
-            modes: LockMode::ALL.to_vec(),
-            fencing: true,
-            fencing_total_order: true,
-            fair: true,
-            per_request_ttl: true,
-            conversion: true,
-            shared_between_processes: false,
-            min_ttl: Duration::from_millis(10),
-        }
+        let mut caps = Capabilities::new(DRIVER);
+        caps.modes = LockMode::ALL.to_vec();
+        caps.fencing = true;
+        caps.fencing_total_order = true;
+        caps.fair = true;
+        caps.per_request_ttl = true;
+        caps.conversion = true;
+        caps.min_ttl = Duration::from_millis(10);
+        caps
     }
 
     async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {

@@ -1,0 +1,131 @@
+//! Redis driver for [dlock](https://docs.rs/dlock): the six DLM lock modes, fair FIFO queues, fencing
+//! tokens and per-entry leases, on standalone Redis (6.0+) and Redis Cluster (7.0+).
+//!
+//! ```no_run
+//! # async fn demo() -> dlock_core::Result<()> {
+//! let locks = dlock_core::Locks::new(dlock_redis::RedisDriver::connect("redis://127.0.0.1:6379").await?);
+//! let guard = locks.lock("stock/42").await?;
+//! # drop(guard); Ok(()) }
+//! ```
+//!
+//! With the `dlock` facade, `dlock::connect(url)` picks this driver for the URLs below.
+//!
+//! # URLs
+//!
+//! | form | meaning |
+//! |------|---------|
+//! | `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` | one server; `USER:PASSWORD` for an ACL user, `:PASSWORD` for `requirepass` |
+//! | `rediss://…` | the same over TLS, verified against the system's trust store |
+//! | `redis+cluster://[[USER]:PASSWORD@]HOST:PORT,HOST:PORT,…` | Redis Cluster; the hosts are seeds, the rest is discovered |
+//! | `rediss+cluster://…` | Redis Cluster over TLS |
+//!
+//! Credentials must be percent-encoded (`@` is `%40`). Query parameters:
+//! - `tls_ca=PATH`: trust the CA certificate(s) in this PEM file instead of the system's store (for
+//!   private or self-signed CAs).
+//! - `tls_cert=PATH&tls_key=PATH`: a client certificate and key (PEM) for mutual TLS.
+//! - `key_prefix=NAME`: the first part of every key (default `dlock`), to separate applications.
+//! - anything else (e.g. `protocol=resp3`) goes to the [`redis`] crate.
+//!
+//! The fragment `#insecure` (`rediss://host:6380/#insecure`) turns certificate verification **off**.
+//! It exists for throwaway test setups only: anyone on the path can then impersonate the server.
+//!
+//! # Storage
+//!
+//! Per lock name, one hash `{dlock:<name>}:q` and one pub/sub channel `{dlock:<name>}:w`, where `<name>`
+//! is [`LockName::encoded`](dlock_core::LockName::encoded) and `dlock` the key prefix. The braces are a
+//! hash tag: everything about a name lives in one cluster slot, so every operation is a single-slot
+//! script and the same scripts run on a cluster unchanged. The hash maps each owner id to its entry
+//! (`seq`, mode, granted, pending conversion, lease expiry, fencing token) and holds two bookkeeping
+//! fields (`.seq`, `.tok`); see the `lua` module source for the exact format.
+//!
+//! Nothing else is stored. A name whose queue empties is deleted by the script that empties it (see
+//! [Fencing tokens](#fencing-tokens) for the sub-millisecond exception), and the hash always carries a
+//! `PEXPIREAT` of its longest-living lease, so the names of crashed holders vanish by themselves too: an
+//! idle lock leaves no key behind.
+//!
+//! # Operations
+//!
+//! Each driver operation is one Lua script, run atomically in one round trip (`EVALSHA`; the script is
+//! loaded on first use): enqueue, wait-check, renew, release, convert, inspect. Every script first drops
+//! expired entries (by the server's `TIME`), then applies the grant rule, assigns fencing tokens and
+//! announces new grants. The rule is a Lua twin of [`dlock_core::grant`] kept in one prelude shared by
+//! all scripts; a property test runs random queues through it on a real Redis and through the Rust
+//! functions and requires identical answers.
+//!
+//! Entries are addressed by (name, owner id) only: a client can renew, convert or release no entry but
+//! its own, and releasing an entry that is gone succeeds.
+//!
+//! # Waiting
+//!
+//! Scripts that grant publish the new holders' owner ids on the name's channel (`PUBLISH`; on a cluster
+//! the sharded `SPUBLISH`, so a wake-up stays on the shard that owns the name instead of crossing the
+//! whole cluster bus). Each driver has one subscriber connection (RESP3) shared by all its waiters; a
+//! message wakes only the waiters it names, so a release costs one check by the next holder, not one per
+//! waiter.
+//!
+//! Pub/sub may drop messages. So each wait-check also returns how long until the earliest lease among
+//! the entries blocking the waiter runs out, and the waiter re-checks then: when a holder crashed, the
+//! next waiter is granted as soon as its lease lapses. A poll interval (default 1 s,
+//! [`RedisDriverBuilder::poll_interval`]) bounds the sleep in any case, so a lost message costs latency,
+//! never a hang. A waiter behind a live holder re-checks about once per renewal of that holder. While
+//! the subscriber connection is down (it reconnects and resubscribes by itself; waiters re-check when it
+//! drops) or the ACL user may not subscribe, waiters poll, backing off up to that interval.
+//!
+//! # Fencing tokens
+//!
+//! Each grant (and each granted conversion) takes the token `max(last token + 1, server time in µs)`,
+//! read with `TIME` inside the script. While a name has entries, the last token is kept in its hash, so
+//! tokens strictly increase with every grant on the name, conflicting or not.
+//!
+//! An idle name must leave no key behind, so there is no counter key that outlives the lock. Instead,
+//! the hash is deleted when its queue empties only if the server clock has already passed the last
+//! token — the normal case, as a grant and the release that ends it are separate scripts, microseconds
+//! apart. If a burst of grants ran the counter ahead of the clock, the hash keeps just its two counter
+//! fields, with a `PEXPIREAT` just past them, until the clock catches up (well under a millisecond).
+//! The next grant after the idle period then starts from the clock, above every earlier token, as long
+//! as **the Redis host's clock does not step back** across the idle period — and, after a failover,
+//! the new primary's clock is not behind the old one's by more than the time since the last grant.
+//! Keep the servers' clocks NTP-slewed, not stepped. Under that assumption the driver declares
+//! `fencing_total_order`.
+//!
+//! Tokens are microseconds since the Unix epoch (about 1.8 × 10^15 in 2026): they fit an `i64`, and
+//! stay exact in Lua's doubles until the year 2255.
+//!
+//! # Guarantees
+//!
+//! **On one primary** (a standalone server, or the shard owning a name's slot): operations are atomic
+//! scripts, so the grant rule holds exactly — no two incompatible modes are granted at once, waiters are
+//! served in FIFO order, conversions and deadlock detection follow [`dlock_core::grant`]. Leases expire
+//! by the server clock counting from when the request arrived, never before the client's validity
+//! deadline (given clock *rates* within core's drift margin). A crashed holder's entry is dropped when
+//! its lease lapses, and the next waiter is granted then (Liveness A); a holder cut off from Redis turns
+//! Lost within its TTL and its entry expires by itself (Liveness B).
+//!
+//! **Failover with asynchronous replication** (Sentinel, or cluster replicas) can break exclusion: a
+//! grant acknowledged by the old primary may not have reached the replica that is promoted, which then
+//! grants the same lock again — two holders. Releases and renewals can be lost the same way (harmless:
+//! the lease covers them, or the holder turns Lost). Fencing tokens survive this better than the lock
+//! itself: the new primary's tokens come from its clock floor, so a resource that rejects stale tokens
+//! still rejects the older holder's writes, under the clock assumption above.
+//!
+//! `WAIT n timeout` after each grant would narrow that window — the client would not use a grant until
+//! `n` replicas had it — but it would not close it: Redis's failover may still promote a replica that
+//! missed the write, `WAIT` cannot run inside a script (so it costs a second round trip per operation),
+//! and a timed-out `WAIT` cannot undo the grant. This driver does not issue `WAIT`; use a
+//! consensus-backed store (etcd) or dlock's quorum of independent stores when a failover must never
+//! yield two holders.
+//!
+//! **Eviction**: run the lock store with `maxmemory-policy noeviction`. Every key here has a TTL, so a
+//! `volatile-*` (or `allkeys-*`) policy may evict held locks under memory pressure.
+//!
+//! **Cluster**: each name lives on one shard, with that shard's guarantees; a shard that is down makes
+//! its names unavailable (operations fail, holders turn Lost), other names are unaffected. This is not
+//! Redlock: there is no majority across shards.
+#![warn(missing_docs)]
+
+mod conn;
+mod driver;
+mod lua;
+mod pubsub;
+
+pub use driver::{RedisDriver, RedisDriverBuilder};

@@ -1,0 +1,385 @@
+//! A history checker: many clients run random lock operations while faults are injected; every
+//! granted interval is recorded with its validity window and fencing token, and the checker asserts
+//! that incompatible modes never overlap on one name and that fencing tokens increase along every pair
+//! of conflicting holders.
+
+use std::fmt;
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use dlock::{Error, Guard, LockMode, Locks};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+
+use crate::suite::{within, Factory, Link};
+
+/// The shape of a random history.
+#[derive(Clone, Copy, Debug)]
+pub struct Workload {
+    /// Concurrent clients, each with its own cuttable link to the store.
+    pub clients: usize,
+    /// Operations each client runs.
+    pub ops_per_client: usize,
+    /// Lock names the clients contend on.
+    pub names: usize,
+    /// Faults injected while the clients run (link cuts, and store pauses where the store has them).
+    pub faults: usize,
+    /// Seed of the random choices (printed with the report, so a failure can be replayed).
+    pub seed: u64,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            clients: 6,
+            ops_per_client: 400,
+            names: 3,
+            faults: 40,
+            seed: rand::random(),
+        }
+    }
+}
+
+/// One interval during which a holder relied on a lock in one mode.
+#[derive(Clone, Debug)]
+pub struct Interval {
+    /// Which name (index into the workload's names).
+    pub name: usize,
+    /// Identifies the guard (intervals of one guard, split by conversions, are not compared).
+    pub guard: u64,
+    /// The mode held.
+    pub mode: LockMode,
+    /// The grant's fencing token.
+    pub token: u64,
+    /// When the holder learned of the grant.
+    pub start: Instant,
+    /// When the holder stopped relying on it: at release, or at the end of its validity window.
+    pub end: Instant,
+}
+
+/// What a history run did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The workload's seed.
+    pub seed: u64,
+    /// Operations attempted.
+    pub operations: usize,
+    /// Granted intervals recorded.
+    pub intervals: Vec<Interval>,
+    /// `try_acquire` refusals.
+    pub would_block: usize,
+    /// Acquires that timed out.
+    pub timeouts: usize,
+    /// Acquires cancelled by dropping their future.
+    pub cancelled: usize,
+    /// Guards that turned Lost while held (or acquires that failed as Lost).
+    pub lost: usize,
+    /// Conversions granted.
+    pub conversions: usize,
+    /// Conversions refused as deadlocks.
+    pub deadlocks: usize,
+    /// Other errors (store unreachable while faults were on).
+    pub errors: usize,
+    /// Faults injected.
+    pub faults: usize,
+}
+
+impl Report {
+    /// Checks the recorded intervals: no two incompatible intervals of different guards on one name
+    /// overlap, and of two such intervals the later one has the greater fencing token.
+    pub fn check(&self) -> Result<()> {
+        let mut pairs = 0usize;
+        let names = self
+            .intervals
+            .iter()
+            .map(|i| i.name)
+            .max()
+            .map_or(0, |n| n + 1);
+        for name in 0..names {
+            let mut on_name: Vec<&Interval> =
+                self.intervals.iter().filter(|i| i.name == name).collect();
+            on_name.sort_by_key(|i| i.start);
+            for (x, a) in on_name.iter().enumerate() {
+                for b in &on_name[x + 1..] {
+                    if a.guard == b.guard || a.mode.compatible_with(b.mode) {
+                        continue;
+                    }
+                    pairs += 1;
+                    ensure!(
+                        b.start >= a.end,
+                        "incompatible holders overlapped on name {name}: {a:?} and {b:?} (seed {})",
+                        self.seed
+                    );
+                    ensure!(
+                        a.token < b.token,
+                        "fencing token went backwards on name {name}: {a:?} then {b:?} (seed {})",
+                        self.seed
+                    );
+                }
+            }
+        }
+        ensure!(!self.intervals.is_empty(), "the history granted nothing");
+        println!(
+            "history check passed: {} intervals, {pairs} conflicting pairs checked for overlap and token order",
+            self.intervals.len()
+        );
+        Ok(())
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "history (seed {}): {} operations, {} granted intervals, {} would-block, {} timeouts, {} cancelled, {} lost, {} conversions, {} conversion deadlocks, {} store errors, {} faults injected",
+            self.seed,
+            self.operations,
+            self.intervals.len(),
+            self.would_block,
+            self.timeouts,
+            self.cancelled,
+            self.lost,
+            self.conversions,
+            self.deadlocks,
+            self.errors,
+            self.faults
+        )
+    }
+}
+
+const MODES: [(LockMode, u32); 6] = [
+    (LockMode::NL, 1),
+    (LockMode::CR, 2),
+    (LockMode::CW, 2),
+    (LockMode::PR, 3),
+    (LockMode::PW, 2),
+    (LockMode::EX, 3),
+];
+
+fn random_mode(rng: &mut StdRng) -> LockMode {
+    let total: u32 = MODES.iter().map(|(_, w)| w).sum();
+    let mut pick = rng.random_range(0..total);
+    for (mode, weight) in MODES {
+        if pick < weight {
+            return mode;
+        }
+        pick -= weight;
+    }
+    unreachable!("pick is below the total weight")
+}
+
+/// Runs `workload` against the factory's store and returns what happened; call [`Report::check`].
+pub async fn run<F: Factory>(factory: &F, workload: Workload) -> Result<Report> {
+    let ttl = factory.short_ttl();
+    let report = Arc::new(Mutex::new(Report {
+        seed: workload.seed,
+        ..Report::default()
+    }));
+    let mut links: Vec<Arc<dyn Link>> = Vec::new();
+    let mut clients = Vec::new();
+    for id in 0..workload.clients {
+        let (locks, link) = factory.partitionable_client().await?;
+        links.push(Arc::from(link));
+        let report = report.clone();
+        let rng = StdRng::seed_from_u64(workload.seed.wrapping_add(id as u64));
+        clients.push(tokio::spawn(client_loop(
+            locks, id, rng, workload, ttl, report,
+        )));
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let mut rng = StdRng::seed_from_u64(workload.seed ^ 0xfa17);
+    let injector = async {
+        for _ in 0..workload.faults {
+            if done.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(ttl.mul_f64(rng.random_range(0.05..0.3))).await;
+            let outage = ttl.mul_f64(rng.random_range(0.2..2.0));
+            match factory.faults() {
+                Some(faults) if rng.random_bool(0.3) => {
+                    faults.pause()?;
+                    tokio::time::sleep(outage).await;
+                    faults.resume()?;
+                }
+                _ => {
+                    let link = &links[rng.random_range(0..links.len())];
+                    link.set_cut(true);
+                    tokio::time::sleep(outage).await;
+                    link.set_cut(false);
+                }
+            }
+            report.lock().expect("not poisoned").faults += 1;
+        }
+        anyhow::Ok(())
+    };
+    let clients_done = async {
+        for client in clients {
+            client.await??;
+        }
+        done.store(true, Ordering::SeqCst);
+        anyhow::Ok(())
+    };
+    let limit = Duration::from_secs(300);
+    let (faulted, finished) = within(limit, "the history run", async {
+        tokio::join!(injector, clients_done)
+    })
+    .await?;
+    faulted?;
+    finished?;
+    // With every fault healed, every lock must be free again (released, or expired as the backstop).
+    let fresh = factory.client().await?;
+    for name in 0..workload.names {
+        within(
+            Duration::from_secs(60),
+            "every lock is free after the faults",
+            fresh.lock(format!("h/{name}")).ttl(ttl),
+        )
+        .await??
+        .release()
+        .await?;
+    }
+    let report = std::mem::take(&mut *report.lock().expect("not poisoned"));
+    Ok(report)
+}
+
+async fn client_loop(
+    locks: Locks,
+    id: usize,
+    mut rng: StdRng,
+    workload: Workload,
+    ttl: Duration,
+    report: Arc<Mutex<Report>>,
+) -> Result<()> {
+    let record = |f: &dyn Fn(&mut Report)| f(&mut report.lock().expect("not poisoned"));
+    for op in 0..workload.ops_per_client {
+        let name = rng.random_range(0..workload.names);
+        let request = locks
+            .lock(format!("h/{name}"))
+            .mode(random_mode(&mut rng))
+            .ttl(ttl);
+        let attempt = rng.random_range(0..10);
+        let acquired = match attempt {
+            0..=2 => request.try_acquire().await,
+            3..=8 => {
+                request
+                    .timeout(Duration::from_millis(rng.random_range(5..60)))
+                    .await
+            }
+            _ => {
+                let pending = tokio::spawn(request.into_future());
+                tokio::task::yield_now().await;
+                pending.abort();
+                match pending.await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        record(&|r| r.cancelled += 1);
+                        continue;
+                    }
+                }
+            }
+        };
+        record(&|r| r.operations += 1);
+        let mut guard = match acquired {
+            Ok(guard) => guard,
+            Err(Error::WouldBlock { .. }) => {
+                record(&|r| r.would_block += 1);
+                continue;
+            }
+            Err(Error::Timeout { .. }) => {
+                record(&|r| r.timeouts += 1);
+                continue;
+            }
+            Err(Error::Lost { .. }) => {
+                record(&|r| r.lost += 1);
+                continue;
+            }
+            Err(_) => {
+                record(&|r| r.errors += 1);
+                continue;
+            }
+        };
+        let guard_id = ((id as u64) << 32) | op as u64;
+        let mut start = Instant::now();
+        if rng.random_bool(0.2) {
+            let target = random_mode(&mut rng);
+            let before = (guard.mode(), guard.fencing_token());
+            let called = Instant::now();
+            let converted = tokio::time::timeout(
+                Duration::from_millis(rng.random_range(5..60)),
+                guard.convert(target),
+            )
+            .await;
+            push(
+                &report,
+                name,
+                guard_id,
+                before.0,
+                before.1,
+                start,
+                end_of(&guard, called),
+            );
+            start = Instant::now();
+            match converted {
+                Ok(Ok(())) => record(&|r| r.conversions += 1),
+                Ok(Err(Error::ConversionDeadlock { .. })) => record(&|r| r.deadlocks += 1),
+                _ => {}
+            }
+        }
+        if rng.random_bool(0.5) {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..3))).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
+        let end = end_of(&guard, Instant::now());
+        push(
+            &report,
+            name,
+            guard_id,
+            guard.mode(),
+            guard.fencing_token(),
+            start,
+            end,
+        );
+        if guard.status().state == dlock::LeaseState::Lost {
+            record(&|r| r.lost += 1);
+        }
+        if guard.release().await.is_err() {
+            record(&|r| r.errors += 1);
+        }
+    }
+    Ok(())
+}
+
+/// The holder relies on the lock until `now` or the end of its validity window, whichever is first.
+fn end_of(guard: &Guard, now: Instant) -> Instant {
+    now.min(guard.status().valid_until)
+}
+
+fn push(
+    report: &Mutex<Report>,
+    name: usize,
+    guard: u64,
+    mode: LockMode,
+    token: u64,
+    start: Instant,
+    end: Instant,
+) {
+    if end > start {
+        report
+            .lock()
+            .expect("not poisoned")
+            .intervals
+            .push(Interval {
+                name,
+                guard,
+                mode,
+                token,
+                start,
+                end,
+            });
+    }
+}

@@ -1,0 +1,630 @@
+//! The conformance cases. Each takes the factory of the driver under test and returns an error that
+//! says what broke.
+
+use std::future::IntoFuture;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use dlock::lease::drift_margin;
+use dlock::{Error, Guard, LeaseState, LockMode, LockName, Locks};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{within, Factory};
+use crate::history;
+
+/// A hang guard for steps that should finish promptly; never a speed assertion.
+const HANG: Duration = Duration::from_secs(30);
+/// A TTL long enough that a lock freed within [`HANG`] was freed by a release, not by expiry.
+const LONG_TTL: Duration = Duration::from_secs(120);
+
+static HOLDER_BINARY: OnceLock<String> = OnceLock::new();
+
+/// Tells the crash case where the out-of-process holder binary is (the stamped tests know it through
+/// `env!("CARGO_BIN_EXE_dlock-holder")`, which only integration tests can see).
+pub fn set_holder_binary(path: &str) {
+    let _ = HOLDER_BINARY.set(path.to_owned());
+}
+
+async fn queue(locks: &Locks, name: &str) -> Result<Vec<dlock::EntryInfo>> {
+    Ok(locks.inspect(name).await?)
+}
+
+/// Polls the store until `pred` holds for `name`'s queue. Queue changes have no signal a test can
+/// subscribe to across drivers, so this is a bounded poll.
+async fn queue_until(
+    locks: &Locks,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&[dlock::EntryInfo]) -> bool,
+) -> Result<Vec<dlock::EntryInfo>> {
+    let give_up = Instant::now() + HANG;
+    loop {
+        let entries = queue(locks, name).await?;
+        if pred(&entries) {
+            return Ok(entries);
+        }
+        if Instant::now() >= give_up {
+            bail!("queue of {name:?} never reached: {what}; last seen {entries:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn modes<F: Factory>(f: &F) -> Vec<LockMode> {
+    f.capabilities().modes
+}
+
+/// Compatible pairs coexist; incompatible pairs block until the holder leaves — all 36 pairs, across
+/// two clients.
+pub async fn mode_pairs_coexist_or_block_per_the_matrix<F: Factory>(f: &F) -> Result<()> {
+    let (a, b) = (f.client().await?, f.client().await?);
+    let mut checked = 0;
+    for held_mode in modes(f) {
+        for asked in modes(f) {
+            let name = format!("pair/{held_mode}/{asked}");
+            let held = a.lock(&name).mode(held_mode).ttl(LONG_TTL).await?;
+            if held_mode.compatible_with(asked) {
+                let second = b
+                    .lock(&name)
+                    .mode(asked)
+                    .try_acquire()
+                    .await
+                    .with_context(|| format!("{asked} must coexist with a held {held_mode}"))?;
+                second.release().await?;
+                held.release().await?;
+            } else {
+                let err = b.lock(&name).mode(asked).try_acquire().await.err();
+                ensure!(
+                    err.as_ref().is_some_and(Error::is_would_block),
+                    "{asked} must not coexist with a held {held_mode}, got {err:?}"
+                );
+                let waiter = tokio::spawn(b.lock(&name).mode(asked).ttl(LONG_TTL).into_future());
+                queue_until(&a, &name, "the blocked request is queued", |q| q.len() == 2).await?;
+                ensure!(
+                    !waiter.is_finished(),
+                    "{asked} was granted beside {held_mode}"
+                );
+                held.release().await?;
+                let granted = within(HANG, "the blocked request is granted after release", waiter)
+                    .await??
+                    .with_context(|| format!("{asked} after {held_mode} left"))?;
+                granted.release().await?;
+            }
+            checked += 1;
+        }
+    }
+    ensure!(checked == 36, "checked {checked} pairs");
+    Ok(())
+}
+
+/// The queue `[EX, PR, PR, PR, EX, EX, PR, PR]` is granted in the steps `{0}`, `{1,2,3}`, `{4}`, `{5}`,
+/// `{6,7}` as holders release in order.
+pub async fn fifo_grants_ex_pr_sequence_in_steps<F: Factory>(f: &F) -> Result<()> {
+    use LockMode::*;
+    let clients = [f.client().await?, f.client().await?];
+    let sequence = [EX, PR, PR, PR, EX, EX, PR, PR];
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for (i, mode) in sequence.into_iter().enumerate() {
+        let (locks, tx) = (clients[i % 2].clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let guard = locks.lock("fifo").mode(mode).ttl(LONG_TTL).await;
+            let _ = tx.send((i, guard));
+        }));
+        // Wait for each entry to be queued so the arrival order is the listed order.
+        queue_until(&clients[0], "fifo", "the next request is queued", |q| {
+            q.len() == i + 1
+        })
+        .await?;
+    }
+    let steps: [&[usize]; 5] = [&[0], &[1, 2, 3], &[4], &[5], &[6, 7]];
+    for step in steps {
+        let mut got = Vec::new();
+        let mut guards: Vec<Guard> = Vec::new();
+        while got.len() < step.len() {
+            let (i, guard) = within(HANG, "the next grant step", rx.recv())
+                .await?
+                .context("all requests finished early")?;
+            got.push(i);
+            guards.push(guard.with_context(|| format!("request {i}"))?);
+        }
+        got.sort_unstable();
+        ensure!(got == step, "granted {got:?}, expected {step:?}");
+        let granted = queue(&clients[0], "fifo")
+            .await?
+            .iter()
+            .filter(|e| e.granted)
+            .count();
+        ensure!(
+            granted == step.len(),
+            "{granted} granted in the store during step {step:?}"
+        );
+        for guard in guards {
+            guard.release().await?;
+        }
+    }
+    for task in tasks {
+        task.await?;
+    }
+    Ok(())
+}
+
+/// `try_acquire` on a conflicting lock fails with `WouldBlock` and queues nothing.
+pub async fn try_acquire_would_block_leaves_nothing_queued<F: Factory>(f: &F) -> Result<()> {
+    let (a, b) = (f.client().await?, f.client().await?);
+    let held = a.lock("try").mode(LockMode::PW).ttl(LONG_TTL).await?;
+    for mode in [LockMode::CW, LockMode::PR, LockMode::PW, LockMode::EX] {
+        let err = b.lock("try").mode(mode).try_acquire().await.err();
+        ensure!(
+            err.as_ref().is_some_and(Error::is_would_block),
+            "{mode}: {err:?}"
+        );
+    }
+    let entries = queue(&a, "try").await?;
+    ensure!(
+        entries.len() == 1,
+        "try_acquire left entries behind: {entries:?}"
+    );
+    b.lock("try")
+        .mode(LockMode::CR)
+        .try_acquire()
+        .await?
+        .release()
+        .await?;
+    held.release().await?;
+    b.lock("try").try_acquire().await?.release().await?;
+    Ok(())
+}
+
+/// A blocking acquire with a timeout fails with `Timeout` and its entry leaves the queue.
+pub async fn blocking_acquire_times_out_and_leaves_the_queue<F: Factory>(f: &F) -> Result<()> {
+    let (a, b) = (f.client().await?, f.client().await?);
+    let held = a.lock("timeout").ttl(LONG_TTL).await?;
+    let err = b
+        .lock("timeout")
+        .ttl(LONG_TTL)
+        .timeout(Duration::from_millis(200))
+        .await
+        .err();
+    ensure!(
+        err.as_ref().is_some_and(Error::is_timeout),
+        "expected Timeout, got {err:?}"
+    );
+    queue_until(&a, "timeout", "the timed-out entry leaves", |q| {
+        q.len() == 1
+    })
+    .await?;
+    held.release().await?;
+    Ok(())
+}
+
+/// Dropping a waiting acquire removes its entry, so the next waiter is granted without waiting for the
+/// ghost's lease.
+pub async fn cancelled_acquire_leaves_the_queue<F: Factory>(f: &F) -> Result<()> {
+    let (a, b, c) = (f.client().await?, f.client().await?, f.client().await?);
+    let held = a.lock("cancel").ttl(LONG_TTL).await?;
+    let cancelled = tokio::spawn(b.lock("cancel").ttl(LONG_TTL).into_future());
+    queue_until(&a, "cancel", "the doomed request is queued", |q| {
+        q.len() == 2
+    })
+    .await?;
+    cancelled.abort();
+    queue_until(&a, "cancel", "the cancelled entry leaves", |q| q.len() == 1).await?;
+    let next = tokio::spawn(c.lock("cancel").ttl(LONG_TTL).into_future());
+    queue_until(&a, "cancel", "the next request is queued", |q| q.len() == 2).await?;
+    held.release().await?;
+    within(
+        HANG,
+        "the next waiter is granted (a ghost would hold it for LONG_TTL)",
+        next,
+    )
+    .await???
+    .release()
+    .await?;
+    Ok(())
+}
+
+/// Dropping a guard releases the lock (well before its lease could run out).
+pub async fn dropping_a_guard_releases_the_lock<F: Factory>(f: &F) -> Result<()> {
+    let (a, b) = (f.client().await?, f.client().await?);
+    let held = a.lock("drop").ttl(LONG_TTL).await?;
+    let waiter = tokio::spawn(b.lock("drop").ttl(LONG_TTL).into_future());
+    queue_until(&a, "drop", "the waiter is queued", |q| q.len() == 2).await?;
+    drop(held);
+    within(HANG, "the waiter is granted after the drop", waiter).await???;
+    Ok(())
+}
+
+/// Releasing an entry twice (and again after someone else holds the lock) succeeds and harms nobody.
+pub async fn release_twice_is_harmless<F: Factory>(f: &F) -> Result<()> {
+    let (a, b) = (f.client().await?, f.client().await?);
+    let guard = a.lock("twice").ttl(LONG_TTL).await?;
+    let key = guard.entry_key().clone();
+    guard.release().await?;
+    a.driver().release(&key).await?;
+    let next = b.lock("twice").ttl(LONG_TTL).try_acquire().await?;
+    a.driver().release(&key).await?;
+    let entries = queue(&a, "twice").await?;
+    ensure!(
+        entries.len() == 1 && entries[0].granted && entries[0].owner == next.entry_key().owner,
+        "a repeated release touched the next holder: {entries:?}"
+    );
+    next.release().await?;
+    Ok(())
+}
+
+/// Fencing tokens strictly increase along conflicting holders, whichever client holds.
+pub async fn fencing_tokens_increase_across_holders_and_clients<F: Factory>(f: &F) -> Result<()> {
+    let clients = [f.client().await?, f.client().await?, f.client().await?];
+    let mut last = 0;
+    for round in 0..12 {
+        let g = clients[round % 3].lock("fence").ttl(LONG_TTL).await?;
+        ensure!(
+            g.fencing_token() > last,
+            "round {round}: token {} after {last}",
+            g.fencing_token()
+        );
+        last = g.fencing_token();
+        g.release().await?;
+    }
+    let r1 = clients[0].lock("fence").mode(LockMode::PR).await?;
+    let r2 = clients[1].lock("fence").mode(LockMode::PR).await?;
+    let writer = tokio::spawn(
+        clients[2]
+            .lock("fence")
+            .mode(LockMode::EX)
+            .ttl(LONG_TTL)
+            .into_future(),
+    );
+    queue_until(&clients[0], "fence", "the writer is queued", |q| {
+        q.len() == 3
+    })
+    .await?;
+    let readers_max = r1.fencing_token().max(r2.fencing_token());
+    ensure!(
+        r1.fencing_token() > last && r2.fencing_token() > last,
+        "readers after writers"
+    );
+    r1.release().await?;
+    r2.release().await?;
+    let writer = within(HANG, "the writer is granted", writer).await???;
+    ensure!(
+        writer.fencing_token() > readers_max,
+        "writer token must pass both readers'"
+    );
+    Ok(())
+}
+
+/// The keeper renews the lease: the lock is still held, and still exclusive, after three TTLs.
+pub async fn renewal_keeps_the_lock_for_three_ttls<F: Factory>(f: &F) -> Result<()> {
+    let (a, b) = (f.client().await?, f.client().await?);
+    let ttl = f.short_ttl();
+    let guard = a.lock("renew").ttl(ttl).await?;
+    // Time passing is what this case tests, so it sleeps.
+    tokio::time::sleep(ttl * 3 + ttl / 2).await;
+    ensure!(
+        guard.is_valid(),
+        "lease not valid after 3.5 TTLs: {:?}",
+        guard.status()
+    );
+    ensure!(guard.status().state == LeaseState::Held);
+    let err = b.lock("renew").ttl(ttl).try_acquire().await.err();
+    ensure!(
+        err.as_ref().is_some_and(Error::is_would_block),
+        "lock free after 3.5 TTLs: {err:?}"
+    );
+    guard.release().await?;
+    Ok(())
+}
+
+/// A holder in another process killed with SIGKILL: the next waiter is granted within TTL + 1 s.
+pub async fn holder_crash_frees_the_lock_within_ttl<F: Factory>(f: &F) -> Result<()> {
+    let url = f.url().context("a shared store has a URL")?;
+    let binary = HOLDER_BINARY
+        .get()
+        .context("set_holder_binary was not called")?;
+    let ttl = f.short_ttl().max(Duration::from_secs(2));
+    let mut holder = tokio::process::Command::new(binary)
+        .args([
+            "--url",
+            &url,
+            "--name",
+            "crash",
+            "--ttl-ms",
+            &ttl.as_millis().to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the holder process")?;
+    let mut lines = BufReader::new(holder.stdout.take().context("holder stdout")?).lines();
+    let line = within(HANG, "the holder reports HELD", lines.next_line())
+        .await??
+        .context("holder exited early")?;
+    let holder_token: u64 = line
+        .strip_prefix("HELD ")
+        .with_context(|| format!("unexpected holder output {line:?}"))?
+        .parse()?;
+    let b = f.client().await?;
+    let waiter = tokio::spawn(b.lock("crash").ttl(ttl).into_future());
+    queue_until(&b, "crash", "the waiter is queued", |q| q.len() == 2).await?;
+    holder.start_kill()?;
+    let killed_at = Instant::now();
+    holder.wait().await?;
+    let guard = within(HANG, "the waiter is granted after the crash", waiter).await???;
+    let waited = killed_at.elapsed();
+    ensure!(
+        waited <= ttl + Duration::from_secs(1),
+        "granted {waited:?} after the crash; the guarantee is TTL ({ttl:?}) + 1 s"
+    );
+    ensure!(guard.fencing_token() > holder_token);
+    Ok(())
+}
+
+/// A holder cut off from the store sees `lost()` before its lease ends in the store, and nobody else is
+/// granted before the holder's validity ends.
+pub async fn partitioned_holder_loses_before_anyone_else_is_granted<F: Factory>(
+    f: &F,
+) -> Result<()> {
+    let ttl = f.short_ttl();
+    let (cut_client, link) = f.partitionable_client().await?;
+    let b = f.client().await?;
+    let guard = cut_client.lock("partition").ttl(ttl).await?;
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move {
+            let g = b.lock("partition").ttl(ttl).await;
+            (Instant::now(), g)
+        }
+    });
+    queue_until(&b, "partition", "the waiter is queued", |q| q.len() == 2).await?;
+    link.set_cut(true);
+    within(HANG, "the cut-off holder sees lost()", guard.lost()).await?;
+    let lost_at = Instant::now();
+    let status = guard.status();
+    ensure!(status.state == LeaseState::Lost && !guard.is_valid());
+    ensure!(
+        lost_at < status.valid_until + drift_margin(ttl),
+        "lost() fired at {lost_at:?}, after the store's earliest expiry {:?}",
+        status.valid_until + drift_margin(ttl)
+    );
+    let (granted_at, next) = within(HANG, "the waiter is granted", waiter).await??;
+    let next = next?;
+    ensure!(
+        lost_at < granted_at,
+        "the waiter was granted before the holder knew it lost"
+    );
+    ensure!(
+        status.valid_until <= granted_at,
+        "the waiter was granted inside the holder's validity window"
+    );
+    ensure!(next.fencing_token() > guard.fencing_token());
+    link.set_cut(false);
+    Ok(())
+}
+
+/// A frozen store (SIGSTOP): the holder's `lost()` fires before its TTL ends; after the store thaws,
+/// nobody is granted inside the holder's validity window.
+pub async fn paused_store_makes_the_holder_lose_before_its_lease_ends<F: Factory>(
+    f: &F,
+) -> Result<()> {
+    let faults = f.faults().context("store faults")?;
+    let ttl = f.short_ttl();
+    let a = f.client().await?;
+    let guard = a.lock("paused").ttl(ttl).await?;
+    faults.pause()?;
+    let lost = within(
+        HANG,
+        "the holder sees lost() while the store is frozen",
+        guard.lost(),
+    )
+    .await;
+    let lost_at = Instant::now();
+    faults.resume()?;
+    lost?;
+    let status = guard.status();
+    ensure!(
+        lost_at < status.valid_until + drift_margin(ttl),
+        "lost() fired after the holder's TTL ended"
+    );
+    let b = f.client().await?;
+    let next = within(
+        HANG,
+        "a new holder after the store thaws",
+        b.lock("paused").ttl(ttl),
+    )
+    .await??;
+    ensure!(status.valid_until <= Instant::now());
+    ensure!(next.fencing_token() > guard.fencing_token());
+    Ok(())
+}
+
+/// A holder whose lease expired releases late: the newer holder keeps its lock.
+pub async fn stale_release_after_expiry_never_frees_a_newer_holder<F: Factory>(
+    f: &F,
+) -> Result<()> {
+    let ttl = f.short_ttl();
+    let (old_client, link) = f.partitionable_client().await?;
+    let b = f.client().await?;
+    let old = old_client.lock("stale").ttl(ttl).await?;
+    let old_key = old.entry_key().clone();
+    link.set_cut(true);
+    within(HANG, "the old holder loses its lease", old.lost()).await?;
+    let newer = within(HANG, "a newer holder", b.lock("stale").ttl(LONG_TTL)).await??;
+    link.set_cut(false);
+    // The stale releases: the guard's own, and a retried one through the driver.
+    let _ = old.release().await;
+    old_client.driver().release(&old_key).await?;
+    let entries = queue(&b, "stale").await?;
+    ensure!(
+        entries.len() == 1 && entries[0].owner == newer.entry_key().owner && entries[0].granted,
+        "the stale release touched the newer holder: {entries:?}"
+    );
+    ensure!(newer.is_valid());
+    let err = old_client.lock("stale").try_acquire().await.err();
+    ensure!(err.as_ref().is_some_and(Error::is_would_block), "{err:?}");
+    Ok(())
+}
+
+/// Down-conversion is immediate, up-conversion waits for other holders ahead of new requests, and two
+/// up-conversions waiting on each other fail one with `ConversionDeadlock`.
+pub async fn conversion_up_down_and_deadlock<F: Factory>(f: &F) -> Result<()> {
+    use LockMode::*;
+    let (a, b, c) = (f.client().await?, f.client().await?, f.client().await?);
+    let mut writer = a.lock("convert").mode(EX).ttl(LONG_TTL).await?;
+    let first = writer.fencing_token();
+    writer.convert(PR).await?;
+    ensure!(writer.mode() == PR && writer.fencing_token() > first);
+    let reader = b
+        .lock("convert")
+        .mode(PR)
+        .ttl(LONG_TTL)
+        .try_acquire()
+        .await?;
+    let up = tokio::spawn(async move {
+        writer.convert(EX).await?;
+        Ok::<_, Error>(writer)
+    });
+    queue_until(&c, "convert", "the up-conversion is pending", |q| {
+        q.iter().any(|e| e.converting_to == Some(EX))
+    })
+    .await?;
+    let err = c.lock("convert").mode(CR).try_acquire().await.err();
+    ensure!(
+        err.as_ref().is_some_and(Error::is_would_block),
+        "a new request passed a pending up-conversion: {err:?}"
+    );
+    let mut reader = reader;
+    let err = reader.convert(PW).await.err();
+    ensure!(
+        matches!(
+            err,
+            Some(Error::ConversionDeadlock {
+                from: PR,
+                to: PW,
+                ..
+            })
+        ),
+        "expected ConversionDeadlock, got {err:?}"
+    );
+    ensure!(reader.mode() == PR);
+    let reader_token = reader.fencing_token();
+    reader.release().await?;
+    let writer = within(HANG, "the up-conversion is granted", up).await???;
+    ensure!(writer.mode() == EX && writer.fencing_token() > reader_token);
+    writer.release().await?;
+    Ok(())
+}
+
+/// Names a store could misread are distinct locks.
+pub async fn tricky_names_are_distinct_locks<F: Factory>(f: &F) -> Result<()> {
+    let (a, b) = (f.client().await?, f.client().await?);
+    let long = "k".repeat(LockName::MAX_LEN);
+    let names = [
+        "a",
+        "a*",
+        "a.>",
+        "a/b",
+        "a b",
+        "ü",
+        "a.b",
+        "a%2Fb",
+        "{a}",
+        long.as_str(),
+    ];
+    let mut guards = Vec::new();
+    for name in names {
+        guards.push(
+            a.lock(name)
+                .ttl(LONG_TTL)
+                .try_acquire()
+                .await
+                .with_context(|| format!("{name:.20?} collided with another name"))?,
+        );
+    }
+    for name in names {
+        let err = b.lock(name).try_acquire().await.err();
+        ensure!(
+            err.as_ref().is_some_and(Error::is_would_block),
+            "{name:.20?}: {err:?}"
+        );
+        let entries = queue(&a, name).await?;
+        ensure!(
+            entries.len() == 1,
+            "{name:.20?} sees {} entries",
+            entries.len()
+        );
+    }
+    for guard in guards {
+        guard.release().await?;
+    }
+    Ok(())
+}
+
+/// Invalid names are rejected with a clear error and create nothing.
+pub async fn invalid_names_are_rejected<F: Factory>(f: &F) -> Result<()> {
+    let a = f.client().await?;
+    for (name, says) in [
+        (String::new(), "must not be empty"),
+        ("n".repeat(LockName::MAX_LEN + 1), "limit is 4096 bytes"),
+    ] {
+        for err in [
+            a.lock(&name).await.err(),
+            a.lock(&name).try_acquire().await.err(),
+        ] {
+            let msg = err.as_ref().map(ToString::to_string).unwrap_or_default();
+            ensure!(
+                matches!(err, Some(Error::InvalidName { .. })) && msg.contains(says),
+                "{name:.10?}: {msg}"
+            );
+        }
+    }
+    ensure!(queue(&a, &"n".repeat(LockName::MAX_LEN)).await?.is_empty());
+    Ok(())
+}
+
+/// Several clients incrementing one counter under an `EX` lock never overlap and lose no update.
+pub async fn separate_clients_contend_correctly<F: Factory>(f: &F) -> Result<()> {
+    const CLIENTS: usize = 4;
+    const ROUNDS: usize = 10;
+    let counter = Arc::new(tokio::sync::Mutex::new(0usize));
+    let inside = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (locks, counter, inside) = (f.client().await?, counter.clone(), inside.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let guard = locks.lock("counter").ttl(LONG_TTL).await?;
+                ensure!(
+                    inside.fetch_add(1, Ordering::SeqCst) == 0,
+                    "two holders at once"
+                );
+                let value = *counter.lock().await;
+                tokio::task::yield_now().await;
+                *counter.lock().await = value + 1;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                guard.release().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        within(HANG * 2, "a contending client finishes", task).await???;
+    }
+    let total = *counter.lock().await;
+    ensure!(total == CLIENTS * ROUNDS, "lost updates: {total}");
+    Ok(())
+}
+
+/// Many clients run thousands of random operations while links are cut and (for servers) the store is
+/// paused; the checker finds no incompatible overlap of validity windows and no fencing inversion.
+pub async fn history_under_faults_is_linearizable<F: Factory>(f: &F) -> Result<()> {
+    let report = history::run(f, history::Workload::default()).await?;
+    println!("{report}");
+    report.check()
+}

@@ -1,0 +1,138 @@
+//! The conformance factories of the Redis driver: a single server, and a 3-master Redis Cluster.
+
+use std::time::Duration;
+
+use dlock::{Capabilities, Locks};
+use dlock_redis::RedisDriver;
+
+use super::memory::CuttableDriver;
+use super::{Factory, Link, StoreFaults};
+use crate::harness::{self, Backend, RedisCluster, RedisServer, TcpProxy};
+
+enum Topology {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+/// Redis under test, started by the harness.
+pub struct RedisFactory {
+    topology: Topology,
+    capabilities: Capabilities,
+}
+
+/// Starts a single Redis server (the `setup` of the single-server suite).
+pub async fn setup_single() -> anyhow::Result<Option<RedisFactory>> {
+    if !harness::require(Backend::Redis) {
+        return Ok(None);
+    }
+    RedisFactory::new(Topology::Single(RedisServer::start().await?))
+        .await
+        .map(Some)
+}
+
+/// Starts a 3-master Redis Cluster (the `setup` of the cluster suite).
+pub async fn setup_cluster() -> anyhow::Result<Option<RedisFactory>> {
+    if !harness::require(Backend::Redis) {
+        return Ok(None);
+    }
+    RedisFactory::new(Topology::Cluster(RedisCluster::start().await?))
+        .await
+        .map(Some)
+}
+
+impl RedisFactory {
+    async fn new(topology: Topology) -> anyhow::Result<Self> {
+        let capabilities = dlock::connect(&url_of(&topology))
+            .await?
+            .capabilities()
+            .clone();
+        Ok(RedisFactory {
+            topology,
+            capabilities,
+        })
+    }
+}
+
+fn url_of(topology: &Topology) -> String {
+    match topology {
+        Topology::Single(server) => server.url(),
+        Topology::Cluster(cluster) => format!(
+            "redis+cluster://{}",
+            cluster
+                .addrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    }
+}
+
+/// Pauses every Redis process of the topology.
+impl StoreFaults for RedisFactory {
+    fn pause(&self) -> anyhow::Result<()> {
+        match &self.topology {
+            Topology::Single(server) => server.pause(),
+            Topology::Cluster(cluster) => {
+                (0..cluster.len()).try_for_each(|i| cluster.pause_member(i))
+            }
+        }
+    }
+
+    fn resume(&self) -> anyhow::Result<()> {
+        match &self.topology {
+            Topology::Single(server) => server.resume(),
+            Topology::Cluster(cluster) => {
+                (0..cluster.len()).try_for_each(|i| cluster.resume_member(i))
+            }
+        }
+    }
+}
+
+/// A partition made by blackholing the client's TCP proxy.
+struct ProxyLink(TcpProxy);
+
+impl Link for ProxyLink {
+    fn set_cut(&self, cut: bool) {
+        self.0.set_blackhole(cut);
+    }
+}
+
+impl Factory for RedisFactory {
+    async fn client(&self) -> anyhow::Result<Locks> {
+        Ok(dlock::connect(&url_of(&self.topology)).await?)
+    }
+
+    async fn partitionable_client(&self) -> anyhow::Result<(Locks, Box<dyn Link>)> {
+        match &self.topology {
+            Topology::Single(server) => {
+                let proxy = TcpProxy::start(server.addr()).await?;
+                let locks = dlock::connect(&server.url_for(proxy.port())).await?;
+                Ok((locks, Box::new(ProxyLink(proxy))))
+            }
+            // Cluster clients learn node addresses from the cluster itself and would bypass a proxy,
+            // so the cluster's clients are cut in-process, in front of the driver.
+            Topology::Cluster(_) => {
+                let driver = RedisDriver::connect(&url_of(&self.topology)).await?;
+                let (driver, switch) = CuttableDriver::new(driver);
+                Ok((Locks::new(driver), Box::new(switch)))
+            }
+        }
+    }
+
+    fn url(&self) -> Option<String> {
+        Some(url_of(&self.topology))
+    }
+
+    fn faults(&self) -> Option<&dyn StoreFaults> {
+        Some(self)
+    }
+
+    fn short_ttl(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities.clone()
+    }
+}

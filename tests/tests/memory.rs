@@ -1,0 +1,9 @@
+//! The conformance suite against the in-memory driver.
+
+dlock_tests::conformance_suite!(
+    setup = dlock_tests::suite::memory::setup,
+    skip = {
+        holder_crash_frees_the_lock_within_ttl: "the in-memory driver claims no sharing between processes (Capabilities::shared_between_processes)",
+        paused_store_makes_the_holder_lose_before_its_lease_ends: "the in-memory store is no server that can be paused; partitioned_holder_loses_before_anyone_else_is_granted covers lost() for it",
+    }
+);
