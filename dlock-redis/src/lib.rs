@@ -112,8 +112,8 @@
 //! `n` replicas had it — but it would not close it: Redis's failover may still promote a replica that
 //! missed the write, `WAIT` cannot run inside a script (so it costs a second round trip per operation),
 //! and a timed-out `WAIT` cannot undo the grant. This driver does not issue `WAIT`; use a
-//! consensus-backed store (etcd) or dlock's quorum of independent stores when a failover must never
-//! yield two holders.
+//! consensus-backed store (etcd, or JetStream with three replicas) when a failover must never yield
+//! two holders.
 //!
 //! **Eviction**: run the lock store with `maxmemory-policy noeviction`. Every key here has a TTL, so a
 //! `volatile-*` (or `allkeys-*`) policy may evict held locks under memory pressure.

@@ -13,8 +13,8 @@
 //! - **handoff**: waiters in line for one `EX` lock; latency from a holder's release to the next grant,
 //!   p50 and p99, against the store's raw round trip (in memory: the same handoff on a tokio Mutex).
 //! - **many names**: 16 tasks cycling over 1000 names, acquires/s.
-//! - **ops per handoff** (servers): store commands per handoff as the number of waiters grows; flat
-//!   means no thundering herd.
+//! - **round trips per handoff** (Redis): scripts run per acquire + release as the number of waiters
+//!   grows; flat means no thundering herd.
 //! - **renewal cost**: driver renewals per held lock per second with 1000 locks held.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,7 +126,9 @@ impl Store {
 
     async fn driver(&self) -> Result<Arc<dyn Driver>> {
         Ok(match (&self.redis, self.target) {
-            (Some(server), Target::Redis) => Arc::new(dlock_redis::RedisDriver::connect(&server.url()).await?),
+            (Some(server), Target::Redis) => {
+                Arc::new(dlock_redis::RedisDriver::connect(&server.url()).await?)
+            }
             _ => Arc::new(self.memory.clone()),
         })
     }
@@ -135,17 +137,30 @@ impl Store {
         Ok(Locks::from_arc(self.driver().await?))
     }
 
-    /// Server-side commands processed so far (Redis `INFO stats`).
-    async fn commands_processed(&self) -> Result<Option<u64>> {
+    /// Lua scripts run so far (Redis `INFO commandstats`): every driver operation is one script, so
+    /// this counts the driver's round trips, not the commands scripts run inside.
+    async fn scripts_run(&self) -> Result<Option<u64>> {
         let Some(server) = &self.redis else {
             return Ok(None);
         };
-        let info = server.command(&["INFO", "stats"]).await?.as_text()?;
-        let line = info
-            .lines()
-            .find_map(|l| l.strip_prefix("total_commands_processed:"))
-            .context("INFO stats has total_commands_processed")?;
-        Ok(Some(line.trim().parse()?))
+        let info = server.command(&["INFO", "commandstats"]).await?.as_text()?;
+        let mut total = 0;
+        for line in info.lines() {
+            let Some((command, stats)) = line.split_once(':') else {
+                continue;
+            };
+            if matches!(
+                command,
+                "cmdstat_evalsha" | "cmdstat_eval" | "cmdstat_evalsha_ro" | "cmdstat_eval_ro"
+            ) {
+                let calls = stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("calls="))
+                    .context("commandstats has calls=")?;
+                total += calls.parse::<u64>()?;
+            }
+        }
+        Ok(Some(total))
     }
 }
 
@@ -163,7 +178,12 @@ async fn uncontended(store: &Store, cycles: usize) -> Result<(f64, f64)> {
     let locks = store.locks().await?;
     let start = Instant::now();
     for _ in 0..cycles {
-        locks.lock("bench/uncontended").ttl(TTL).await?.release().await?;
+        locks
+            .lock("bench/uncontended")
+            .ttl(TTL)
+            .await?
+            .release()
+            .await?;
     }
     let dlock_rate = cycles as f64 / start.elapsed().as_secs_f64();
 
@@ -173,7 +193,8 @@ async fn uncontended(store: &Store, cycles: usize) -> Result<(f64, f64)> {
             let mut raw = RespConnection::connect(server.addr(), None).await?;
             for i in 0..cycles {
                 let value = i.to_string();
-                raw.command(&["SET", "bench/raw", value.as_str(), "NX", "PX", "10000"]).await?;
+                raw.command(&["SET", "bench/raw", value.as_str(), "NX", "PX", "10000"])
+                    .await?;
                 raw.command(&["DEL", "bench/raw"]).await?;
             }
         }
@@ -202,10 +223,14 @@ async fn uncontended(store: &Store, cycles: usize) -> Result<(f64, f64)> {
 }
 
 /// Latencies from a release to the next waiter's grant, with `waiters` tasks in line.
-async fn handoffs(store: &Store, waiters: usize, per_waiter: usize) -> Result<(Vec<Duration>, u64)> {
+async fn handoffs(
+    store: &Store,
+    waiters: usize,
+    per_waiter: usize,
+) -> Result<(Vec<Duration>, u64)> {
     let released_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let samples = Arc::new(Mutex::new(Vec::new()));
-    let before = store.commands_processed().await?;
+    let before = store.scripts_run().await?;
     let mut tasks = Vec::new();
     for _ in 0..waiters {
         let locks = store.locks().await?;
@@ -226,7 +251,7 @@ async fn handoffs(store: &Store, waiters: usize, per_waiter: usize) -> Result<(V
     for task in tasks {
         task.await??;
     }
-    let after = store.commands_processed().await?;
+    let after = store.scripts_run().await?;
     let samples = std::mem::take(&mut *samples.lock().expect("not poisoned"));
     let commands = match (before, after) {
         (Some(b), Some(a)) => a - b,
@@ -254,7 +279,8 @@ async fn baseline_handoffs(store: &Store, n: usize) -> Result<Vec<Duration>> {
             let samples = Arc::new(Mutex::new(Vec::new()));
             let mut tasks = Vec::new();
             for _ in 0..8 {
-                let (mutex, released_at, samples) = (mutex.clone(), released_at.clone(), samples.clone());
+                let (mutex, released_at, samples) =
+                    (mutex.clone(), released_at.clone(), samples.clone());
                 tasks.push(tokio::spawn(async move {
                     for _ in 0..n / 8 + 1 {
                         let guard = mutex.lock().await;
@@ -284,7 +310,13 @@ async fn many_names(store: &Store, tasks: usize, per_task: usize) -> Result<f64>
         handles.push(tokio::spawn(async move {
             for i in 0..per_task {
                 let name = format!("bench/many/{}", (t * per_task + i) % 1000);
-                locks.lock(name).mode(LockMode::PW).ttl(TTL).await?.release().await?;
+                locks
+                    .lock(name)
+                    .mode(LockMode::PW)
+                    .ttl(TTL)
+                    .await?
+                    .release()
+                    .await?;
             }
             anyhow::Ok(())
         }));
@@ -304,7 +336,13 @@ async fn renewal_cost(store: &Store, held: usize, ttl: Duration) -> Result<f64> 
     let locks = Locks::new(driver);
     let mut guards = Vec::with_capacity(held);
     for i in 0..held {
-        guards.push(locks.lock(format!("bench/held/{i}")).mode(LockMode::PR).ttl(ttl).await?);
+        guards.push(
+            locks
+                .lock(format!("bench/held/{i}"))
+                .mode(LockMode::PR)
+                .ttl(ttl)
+                .await?,
+        );
     }
     let before = renewals.load(Ordering::Relaxed);
     let window = ttl * 2;
@@ -356,12 +394,21 @@ async fn main() -> Result<()> {
         median(ratios)
     );
 
-    let (mut p50, mut p99, mut base50, mut base99, mut r50, mut r99) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut p50, mut p99, mut base50, mut base99, mut r50, mut r99) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for _ in 0..options.rounds {
         let (mut samples, _) = handoffs(&store, 8, per_waiter).await?;
         let mut base = baseline_handoffs(&store, samples.len().max(100)).await?;
-        let (d50, d99) = (percentile(&mut samples, 0.5), percentile(&mut samples, 0.99));
+        let (d50, d99) = (
+            percentile(&mut samples, 0.5),
+            percentile(&mut samples, 0.99),
+        );
         let (b50, b99) = (percentile(&mut base, 0.5), percentile(&mut base, 0.99));
         p50.push(d50.as_secs_f64() * 1e6);
         p99.push(d99.as_secs_f64() * 1e6);
@@ -407,7 +454,7 @@ async fn main() -> Result<()> {
                 per.push(commands as f64 / (waiters * rounds) as f64);
             }
             println!(
-                "| store commands per acquire+release, {waiters} waiters | {:.1} |",
+                "| scripts (round trips) per acquire+release, {waiters} waiters | {:.1} |",
                 median(per)
             );
         }
