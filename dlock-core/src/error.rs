@@ -96,15 +96,6 @@ pub enum Error {
         to: LockMode,
     },
 
-    /// An ordered session refused to take a lock out of order, which could deadlock.
-    #[error("lock {requested:?} ranks before the held lock {held:?}; take locks in canonical order (or use lock_all)")]
-    OrderViolation {
-        /// The highest-ranked lock already held.
-        held: String,
-        /// The lock that was requested.
-        requested: String,
-    },
-
     /// The store failed or could not be reached.
     #[error("lock store error ({driver}): {message}")]
     Backend {
