@@ -138,7 +138,9 @@ impl Lease {
         let retry = (self.ttl / 10).clamp(Duration::from_millis(5), Duration::from_secs(1));
         let mut next_renewal = sent + interval;
         loop {
-            tokio::time::sleep_until(next_renewal).await;
+            // Wake at the deadline even when the next retry is later: lost() must fire before the
+            // store may expire the entry, not at the next attempt.
+            tokio::time::sleep_until(next_renewal.min(self.status().valid_until)).await;
             let valid_until = self.status().valid_until;
             let sent = Instant::now();
             if sent >= valid_until {

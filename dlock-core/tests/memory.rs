@@ -21,6 +21,8 @@ const TTL: Duration = Duration::from_secs(3);
 struct Partitionable {
     store: MemoryDriver,
     cut: Arc<AtomicBool>,
+    /// While set, renewals fail at once with a store error (the store answers, but badly).
+    failing_renewals: Arc<AtomicBool>,
 }
 
 impl Partitionable {
@@ -28,6 +30,7 @@ impl Partitionable {
         Partitionable {
             store: store.clone(),
             cut: Arc::new(AtomicBool::new(false)),
+            failing_renewals: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -53,6 +56,9 @@ impl Driver for Partitionable {
     }
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
         self.gate().await;
+        if self.failing_renewals.load(Ordering::SeqCst) {
+            return Err(Error::backend_msg("memory", "injected renewal failure"));
+        }
         self.store.renew(key, ttl).await
     }
     async fn release(&self, key: &EntryKey) -> Result<()> {
@@ -438,4 +444,43 @@ async fn unreachable_store_fails_instead_of_hanging() {
         err.to_string().contains("did not confirm the release"),
         "{err}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_renewals_make_the_lease_suspect_then_held_again() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let locks = Locks::new(link.clone());
+    let guard = locks.lock("x").ttl(TTL).await.unwrap();
+    let mut states = guard.watch();
+    link.failing_renewals.store(true, Ordering::SeqCst);
+    states
+        .wait_for(|s| s.state == LeaseState::Suspect)
+        .await
+        .unwrap();
+    assert!(
+        guard.is_valid(),
+        "a suspect lease is still valid until its deadline"
+    );
+    link.failing_renewals.store(false, Ordering::SeqCst);
+    states
+        .wait_for(|s| s.state == LeaseState::Held)
+        .await
+        .unwrap();
+    tokio::time::sleep(TTL * 2).await;
+    assert_eq!(guard.status().state, LeaseState::Held);
+    assert!(guard.is_valid());
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewals_failing_past_the_deadline_lose_the_lock() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let locks = Locks::new(link.clone());
+    let guard = locks.lock("x").ttl(TTL).await.unwrap();
+    let deadline_before_failures = guard.status().valid_until;
+    link.failing_renewals.store(true, Ordering::SeqCst);
+    guard.lost().await;
+    assert_eq!(Instant::now(), deadline_before_failures, "lost exactly at the validity deadline");
+    assert_eq!(guard.status().state, LeaseState::Lost);
 }
