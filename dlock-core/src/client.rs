@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -224,17 +225,31 @@ impl IntoFuture for LockRequest {
 
 /// Removes a queued entry (spawned) when the acquire that made it does not end with a guard: dropped,
 /// timed out or failed. The lease TTL is the backstop.
+///
+/// The release waits for the enqueue request to finish first: sent at once, it could overtake the
+/// enqueue on a store reached over several connections, find nothing, and leave the entry behind.
 struct DequeueOnDrop {
     driver: Arc<dyn Driver>,
     key: EntryKey,
     ttl: Duration,
+    enqueue: Option<JoinHandle<Result<Queued>>>,
     armed: bool,
 }
 
 impl Drop for DequeueOnDrop {
     fn drop(&mut self) {
-        if self.armed {
-            release_in_background(Arc::clone(&self.driver), self.key.clone(), self.ttl);
+        if !self.armed {
+            return;
+        }
+        let (driver, key, ttl) = (Arc::clone(&self.driver), self.key.clone(), self.ttl);
+        match (self.enqueue.take(), tokio::runtime::Handle::try_current()) {
+            (Some(enqueue), Ok(handle)) => {
+                handle.spawn(async move {
+                    let _ = enqueue.await;
+                    release_in_background(driver, key, ttl);
+                });
+            }
+            _ => release_in_background(driver, key, ttl),
         }
     }
 }
@@ -307,6 +322,7 @@ async fn enqueue_and_wait(
         driver: Arc::clone(&driver),
         key: key.clone(),
         ttl: options.ttl,
+        enqueue: None,
         armed: true,
     };
     let sent = Instant::now();
@@ -315,8 +331,16 @@ async fn enqueue_and_wait(
     // enqueue is abandoned then (or at the caller's deadline, if earlier).
     let useless_after = sent + options.ttl - drift_margin(options.ttl);
     let enqueue_deadline = deadline.map_or(useless_after, |d| d.min(useless_after));
-    let queued = match tokio::time::timeout_at(enqueue_deadline, driver.enqueue(&request)).await {
-        Ok(queued) => queued,
+    let enqueue = dequeue.enqueue.insert(tokio::spawn({
+        let driver = Arc::clone(&driver);
+        async move { driver.enqueue(&request).await }
+    }));
+    let queued = match tokio::time::timeout_at(enqueue_deadline, enqueue).await {
+        Ok(Ok(queued)) => queued,
+        Ok(Err(join)) => Err(Error::backend_msg(
+            locks.inner.capabilities.driver,
+            format!("the enqueue task failed: {join}"),
+        )),
         Err(_) if deadline.is_some_and(|d| d <= useless_after) => Err(Error::Timeout {
             name: key.name.to_string(),
             waited: started.elapsed(),
@@ -334,6 +358,13 @@ async fn enqueue_and_wait(
         dequeue.armed = false;
     }
     let queued = queued?;
+    dequeue.enqueue = None;
+    if !wait && queued == Queued::Waiting {
+        // A driver must not queue a try_acquire; clean up rather than wait without end.
+        return Err(Error::WouldBlock {
+            name: key.name.to_string(),
+        });
+    }
     let lease = Lease::new(Arc::clone(&driver), key.clone(), options.ttl, sent);
     let keeper = lease.spawn_keeper(sent);
     // From here on the keeper task must not outlive a failed acquire.
@@ -360,18 +391,13 @@ async fn enqueue_and_wait(
             }
         }
     };
-    if !lease_still_valid(&lease) {
+    if !lease.is_valid() {
         return Err(Error::Lost {
             name: key.name.to_string(),
         });
     }
     dequeue.armed = false;
     Ok(Guard::new(lease, keeper.take(), grant.mode, grant.token))
-}
-
-fn lease_still_valid(lease: &Lease) -> bool {
-    let status = lease.status();
-    status.state != crate::LeaseState::Lost && Instant::now() < status.valid_until
 }
 
 struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);

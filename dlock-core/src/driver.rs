@@ -182,7 +182,8 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Extends the entry's lease by `ttl` from when the store receives the request. Returns the local
     /// instant at or before which the request that extended the lease was sent (drivers sharing one lease
-    /// between entries return when that lease's confirmed renewal was sent).
+    /// between entries return when that lease's confirmed renewal was sent; the in-memory driver, with
+    /// no network in between, returns when it extended the lease).
     /// [`Error::Lost`](crate::Error::Lost) when the entry is gone.
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant>;
 

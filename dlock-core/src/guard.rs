@@ -40,6 +40,8 @@ pub struct Guard {
     token: u64,
     granted_at: Instant,
     released: bool,
+    /// Brings the store to the fallback mode after a conversion that ended without a definite answer.
+    reconcile: Option<JoinHandle<()>>,
 }
 
 impl Guard {
@@ -56,6 +58,7 @@ impl Guard {
             token,
             granted_at: Instant::now(),
             released: false,
+            reconcile: None,
         }
     }
 
@@ -108,7 +111,12 @@ impl Guard {
     /// A weaker mode is granted at once. A stronger one waits until every other holder is compatible
     /// with it, ahead of requests queued later; two up-conversions that would wait on each other fail at
     /// once with [`Error::ConversionDeadlock`]. Wrap the call in `tokio::time::timeout` to bound the
-    /// wait: dropping the future withdraws the pending conversion and keeps the mode held.
+    /// wait.
+    ///
+    /// If the call is dropped, or fails without a definite answer from the store, the guard cannot
+    /// know which mode the store settled on, so it falls back to the weaker of the mode held and the
+    /// mode asked for ([`Guard::mode`] says which), and brings the store to that mode in the background
+    /// before the guard's next conversion. The guard never claims more than the store grants.
     pub async fn convert(&mut self, mode: LockMode) -> Result<()> {
         let caps = self.lease.driver.capabilities();
         if !caps.conversion || !caps.modes.contains(&mode) {
@@ -117,32 +125,59 @@ impl Guard {
                 what: format!("converting a lock to {mode}"),
             });
         }
+        if let Some(reconcile) = self.reconcile.take() {
+            // An earlier cancelled conversion is still bringing the store to the fallback mode; it must
+            // land before this one, or it would undo it.
+            let _ = reconcile.await;
+        }
         let key = self.lease.key.clone();
         let driver = Arc::clone(&self.lease.driver);
-        let held = self.mode;
+        let fallback = if mode.is_weaker_or_equal(self.mode) {
+            mode
+        } else {
+            self.mode
+        };
+        let pending = PendingConversion {
+            lease: &self.lease,
+            mode: &mut self.mode,
+            reconcile: &mut self.reconcile,
+            fallback,
+            armed: true,
+        };
         let lost = || Error::Lost {
             name: key.name.to_string(),
         };
         let asked = tokio::select! {
-            asked = driver.convert(&key, mode) => asked?,
-            _ = self.lease.lost() => return Err(lost()),
+            biased;
+            _ = pending.lease.lost() => return Err(lost()),
+            asked = driver.convert(&key, mode) => asked,
         };
         let grant = match asked {
-            Queued::Granted(grant) => grant,
-            Queued::Waiting => {
-                let withdraw = WithdrawOnDrop {
-                    lease: &self.lease,
-                    held,
-                    armed: true,
-                };
-                let grant = tokio::select! {
-                    grant = driver.wait(&key) => grant?,
-                    _ = self.lease.lost() => return Err(lost()),
-                };
-                withdraw.disarm();
-                grant
+            Ok(Queued::Granted(grant)) => grant,
+            Ok(Queued::Waiting) => tokio::select! {
+                biased;
+                _ = pending.lease.lost() => return Err(lost()),
+                grant = driver.wait(&key) => grant?,
+            },
+            Err(err @ (Error::ConversionDeadlock { .. } | Error::Unsupported { .. })) => {
+                // A definite refusal: the store changed nothing.
+                pending.disarm();
+                return Err(err);
             }
+            Err(err) => return Err(err),
         };
+        if grant.mode != mode {
+            // Someone withdrew this conversion (a stale settling of an earlier one): the store holds
+            // something else than was asked, so settle on the fallback like any unclear outcome.
+            return Err(Error::backend_msg(
+                caps.driver,
+                format!("the conversion of lock {:?} to {mode} was withdrawn; the lock is held in {fallback} now", key.name),
+            ));
+        }
+        if !pending.lease.is_valid() {
+            return Err(lost());
+        }
+        pending.disarm();
         self.mode = grant.mode;
         self.token = grant.token;
         Ok(())
@@ -154,6 +189,9 @@ impl Guard {
     /// confirmed; the lease expires anyway.
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
+        if let Some(reconcile) = self.reconcile.take() {
+            reconcile.abort();
+        }
         self.finish(LeaseState::Released);
         release_with_retries(&*self.lease.driver, &self.lease.key, self.lease.ttl).await
     }
@@ -168,6 +206,9 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if let Some(reconcile) = self.reconcile.take() {
+            reconcile.abort();
+        }
         if !self.released {
             self.finish(LeaseState::Released);
             release_in_background(
@@ -190,35 +231,41 @@ impl fmt::Debug for Guard {
     }
 }
 
-/// Withdraws a pending conversion when the `convert` future is dropped, so nobody waits behind it.
-struct WithdrawOnDrop<'a> {
+/// Settles a conversion that ended without a definite answer (the `convert` future was dropped, or the
+/// store failed): the guard falls back at once to the weaker of the two modes, and a background task
+/// brings the store to that mode — withdrawing a pending up-conversion, or finishing a down-conversion
+/// the store may or may not have applied.
+struct PendingConversion<'a> {
     lease: &'a Arc<Lease>,
-    held: LockMode,
+    mode: &'a mut LockMode,
+    reconcile: &'a mut Option<JoinHandle<()>>,
+    fallback: LockMode,
     armed: bool,
 }
 
-impl WithdrawOnDrop<'_> {
+impl PendingConversion<'_> {
     fn disarm(mut self) {
         self.armed = false;
     }
 }
 
-impl Drop for WithdrawOnDrop<'_> {
+impl Drop for PendingConversion<'_> {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
-        let (driver, key, held) = (
+        *self.mode = self.fallback;
+        let (driver, key, fallback) = (
             Arc::clone(&self.lease.driver),
             self.lease.key.clone(),
-            self.held,
+            self.fallback,
         );
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(err) = driver.convert(&key, held).await {
-                    tracing::warn!(name = %key.name, error = %err, "dlock: could not withdraw a pending conversion");
+            *self.reconcile = Some(handle.spawn(async move {
+                if let Err(err) = driver.convert(&key, fallback).await {
+                    tracing::warn!(name = %key.name, error = %err, "dlock: could not settle a cancelled conversion");
                 }
-            });
+            }));
         }
     }
 }

@@ -83,6 +83,13 @@ impl Lease {
         *self.status.borrow()
     }
 
+    /// Not lost, and the validity deadline is ahead.
+    pub(crate) fn is_valid(&self) -> bool {
+        let status = self.status();
+        matches!(status.state, LeaseState::Held | LeaseState::Suspect)
+            && Instant::now() < status.valid_until
+    }
+
     pub(crate) fn subscribe(&self) -> watch::Receiver<LeaseStatus> {
         self.status.subscribe()
     }

@@ -23,6 +23,8 @@ struct Partitionable {
     cut: Arc<AtomicBool>,
     /// While set, renewals fail at once with a store error (the store answers, but badly).
     failing_renewals: Arc<AtomicBool>,
+    /// While set, conversions reach the store but their answers are held back.
+    held_answers: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Partitionable {
@@ -31,6 +33,7 @@ impl Partitionable {
             store: store.clone(),
             cut: Arc::new(AtomicBool::new(false)),
             failing_renewals: Arc::new(AtomicBool::new(false)),
+            held_answers: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 
@@ -67,7 +70,9 @@ impl Driver for Partitionable {
     }
     async fn convert(&self, key: &EntryKey, mode: LockMode) -> Result<Queued> {
         self.gate().await;
-        self.store.convert(key, mode).await
+        let answer = self.store.convert(key, mode).await;
+        let _ = self.held_answers.subscribe().wait_for(|held| !held).await;
+        answer
     }
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
         self.gate().await;
@@ -481,6 +486,102 @@ async fn renewals_failing_past_the_deadline_lose_the_lock() {
     let deadline_before_failures = guard.status().valid_until;
     link.failing_renewals.store(true, Ordering::SeqCst);
     guard.lost().await;
-    assert_eq!(Instant::now(), deadline_before_failures, "lost exactly at the validity deadline");
+    assert_eq!(
+        Instant::now(),
+        deadline_before_failures,
+        "lost exactly at the validity deadline"
+    );
     assert_eq!(guard.status().state, LeaseState::Lost);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_down_conversion_never_leaves_the_guard_claiming_more_than_the_store() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let mut guard = Locks::new(link.clone())
+        .lock("x")
+        .mode(LockMode::EX)
+        .await
+        .unwrap();
+    link.held_answers.send_replace(true);
+    // The store applies the down-conversion, but its answer never arrives before the caller gives up.
+    assert!(timeout(TTL / 3, guard.convert(LockMode::PR)).await.is_err());
+    assert_eq!(
+        guard.mode(),
+        LockMode::PR,
+        "the guard must fall back to the weaker mode"
+    );
+    let entries = store.inspect(&name("x")).await.unwrap();
+    assert_eq!(entries[0].mode, LockMode::PR);
+    let reader = Locks::new(store.clone())
+        .lock("x")
+        .mode(LockMode::PR)
+        .try_acquire()
+        .await
+        .unwrap();
+    link.held_answers.send_replace(false);
+    // The next conversion waits for the background settling, then works as usual.
+    let up = tokio::spawn(async move {
+        guard.convert(LockMode::EX).await.unwrap();
+        guard
+    });
+    while !store
+        .inspect(&name("x"))
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.converting_to == Some(LockMode::EX))
+    {
+        tokio::task::yield_now().await;
+    }
+    reader.release().await.unwrap();
+    let guard = up.await.unwrap();
+    assert_eq!(guard.mode(), LockMode::EX);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_up_conversion_falls_back_to_the_held_mode_even_if_granted() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let mut guard = Locks::new(link.clone())
+        .lock("x")
+        .mode(LockMode::PR)
+        .await
+        .unwrap();
+    link.held_answers.send_replace(true);
+    // Granted at once in the store, but the answer is held back and the caller gives up.
+    assert!(timeout(TTL / 3, guard.convert(LockMode::EX)).await.is_err());
+    assert_eq!(guard.mode(), LockMode::PR);
+    link.held_answers.send_replace(false);
+    // The store is brought back down to what the guard claims.
+    while store.inspect(&name("x")).await.unwrap()[0].mode != LockMode::PR {
+        tokio::task::yield_now().await;
+    }
+    Locks::new(store.clone())
+        .lock("x")
+        .mode(LockMode::PR)
+        .try_acquire()
+        .await
+        .unwrap();
+    drop(guard);
+}
+
+#[tokio::test(start_paused = true)]
+async fn converting_a_lost_lock_fails_even_while_the_store_still_has_it() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let mut guard = Locks::new(link.clone())
+        .lock("x")
+        .mode(LockMode::PR)
+        .ttl(TTL)
+        .await
+        .unwrap();
+    link.failing_renewals.store(true, Ordering::SeqCst);
+    guard.lost().await;
+    assert!(
+        !store.inspect(&name("x")).await.unwrap().is_empty(),
+        "the store keeps the entry for the drift margin"
+    );
+    let err = guard.convert(LockMode::EX).await.unwrap_err();
+    assert!(err.is_lost(), "{err}");
 }

@@ -36,7 +36,7 @@ impl Default for Workload {
     fn default() -> Self {
         Workload {
             clients: 6,
-            ops_per_client: 400,
+            ops_per_client: 300,
             names: 3,
             faults: 40,
             seed: rand::random(),
@@ -150,6 +150,9 @@ impl fmt::Display for Report {
         )
     }
 }
+
+/// The share of grants held across renewals (up to two TTLs) instead of for a moment.
+const LONG_HOLDS: f64 = 0.05;
 
 const MODES: [(LockMode, u32); 6] = [
     (LockMode::NL, 1),
@@ -329,12 +332,23 @@ async fn client_loop(
                 _ => {}
             }
         }
-        if rng.random_bool(0.5) {
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..3))).await;
+        let end = if rng.random_bool(LONG_HOLDS) {
+            // A hold across renewals (and, when a fault strikes, across the loss of the lease): the
+            // holder works until its lock is lost or its work is done, as a careful user would, so a
+            // late lost() or a too-long validity window shows up as an overlap.
+            let work = ttl.mul_f64(rng.random_range(0.3..2.0));
+            tokio::select! {
+                _ = guard.lost() => Instant::now(),
+                _ = tokio::time::sleep(work) => Instant::now(),
+            }
         } else {
-            tokio::task::yield_now().await;
-        }
-        let end = end_of(&guard, Instant::now());
+            if rng.random_bool(0.5) {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..3))).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+            end_of(&guard, Instant::now())
+        };
         push(
             &report,
             name,
@@ -354,7 +368,8 @@ async fn client_loop(
     Ok(())
 }
 
-/// The holder relies on the lock until `now` or the end of its validity window, whichever is first.
+/// A holder that does not watch `lost()` relies on the lock until `now` or the end of its validity
+/// window, whichever is first.
 fn end_of(guard: &Guard, now: Instant) -> Instant {
     now.min(guard.status().valid_until)
 }
