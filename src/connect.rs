@@ -12,6 +12,7 @@ use dlock_core::{Error, Locks, MemoryDriver, Result};
 /// | `mem://` | a new in-process store, private to this client | (always) |
 /// | `mem://NAME` | the in-process store `NAME`, shared by every `connect` to it in this process | (always) |
 /// | `redis://`, `rediss://`, `redis+cluster://`, `rediss+cluster://` | Redis (see `dlock_redis`) | `redis` |
+/// | `nats://…`, `tls://…` | NATS JetStream (see `dlock_jetstream`) | `jetstream` |
 ///
 /// A scheme whose driver is not compiled in is refused with an error that names the feature to enable.
 ///
@@ -37,12 +38,16 @@ pub async fn connect(url: &str) -> Result<Locks> {
         }
         #[cfg(not(feature = "redis"))]
         "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => missing_feature(scheme, "redis"),
-        "etcd" | "etcds" | "nats" | "tls" => Err(Error::Unsupported {
+        "etcd" | "etcds" => Err(Error::Unsupported {
             driver: "connect",
             what: format!(
                 "{scheme}:// needs a driver this version of dlock does not include yet; the README's driver table lists the stores it supports"
             ),
         }),
+        #[cfg(feature = "jetstream")]
+        "nats" | "tls" => Ok(Locks::new(dlock_jetstream::JetStreamDriver::connect(url).await?)),
+        #[cfg(not(feature = "jetstream"))]
+        "nats" | "tls" => missing_feature(scheme, "jetstream"),
         _ => Err(Error::InvalidUrl {
             url: url.to_owned(),
             reason: format!(
@@ -70,7 +75,7 @@ fn memory_store(name: &str) -> Result<MemoryDriver> {
     Ok(stores.entry(name.to_owned()).or_default().clone())
 }
 
-#[cfg(not(feature = "redis"))]
+#[cfg(not(all(feature = "redis", feature = "jetstream")))]
 fn missing_feature(scheme: &str, feature: &str) -> Result<Locks> {
     Err(Error::Unsupported {
         driver: "connect",

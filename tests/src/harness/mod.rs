@@ -67,7 +67,7 @@ pub mod tls;
 
 pub use binaries::ServerBinary;
 pub use etcd::{EtcdCluster, EtcdMember, EtcdServer, EtcdVersion};
-pub use nats::{NatsCluster, NatsNode, NatsServer, NatsVersion};
+pub use nats::{NatsCluster, NatsNode, NatsOptions, NatsServer, NatsVersion};
 pub use net::{HttpResponse, RespConnection, RespValue};
 pub use process::ServerProcess;
 pub use proxy::TcpProxy;

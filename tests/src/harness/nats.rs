@@ -18,6 +18,7 @@ use super::process::{
     free_port, port_clash, wait_until, ServerProcess, CLUSTER_TIMEOUT, PORT_CLASH_RETRIES,
     START_TIMEOUT,
 };
+use super::tls::TlsFiles;
 
 /// NATS server versions under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -63,6 +64,79 @@ impl NatsVersion {
     pub fn binary(self) -> Result<ServerBinary> {
         binaries::find(&self.wanted())
     }
+}
+
+/// Client authentication and TLS for the servers the harness starts (default: none of them).
+///
+/// Every option only changes how clients connect; the monitoring port, and with it readiness and
+/// leader queries, stays plain HTTP without auth.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatsOptions {
+    /// Require this user and password (`authorization { user, password }`).
+    pub user: Option<(String, String)>,
+    /// Require this token (`authorization { token }`).
+    pub token: Option<String>,
+    /// Serve clients over TLS only, with certificates from [`TlsFiles::generate`]; clients without a
+    /// certificate are accepted.
+    pub tls: bool,
+}
+
+impl NatsOptions {
+    /// Clients must log in as `user` with `password`.
+    pub fn user(user: &str, password: &str) -> Self {
+        NatsOptions {
+            user: Some((user.into(), password.into())),
+            ..Self::default()
+        }
+    }
+
+    /// Clients must present `token`.
+    pub fn token(token: &str) -> Self {
+        NatsOptions {
+            token: Some(token.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Clients must use TLS.
+    pub fn tls() -> Self {
+        NatsOptions {
+            tls: true,
+            ..Self::default()
+        }
+    }
+
+    /// The config-file lines for these options.
+    fn conf(&self, tls: Option<&TlsFiles>) -> String {
+        let mut conf = String::new();
+        if let Some((user, password)) = &self.user {
+            conf.push_str(&format!(
+                "authorization {{\n  user: {}\n  password: {}\n}}\n",
+                quoted(user),
+                quoted(password)
+            ));
+        }
+        if let Some(token) = &self.token {
+            conf.push_str(&format!(
+                "authorization {{\n  token: {}\n}}\n",
+                quoted(token)
+            ));
+        }
+        if let Some(t) = tls {
+            conf.push_str(&format!(
+                "tls {{\n  cert_file: {}\n  key_file: {}\n  ca_file: {}\n  timeout: 5\n}}\n",
+                quoted(&t.server_cert.display().to_string()),
+                quoted(&t.server_key.display().to_string()),
+                quoted(&t.ca_cert.display().to_string())
+            ));
+        }
+        conf
+    }
+}
+
+/// A NATS config string literal.
+fn quoted(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// One `nats-server` process with JetStream enabled.
@@ -215,6 +289,7 @@ impl NatsNode {
 pub struct NatsCluster {
     version: NatsVersion,
     nodes: Vec<NatsNode>,
+    tls: Option<TlsFiles>,
     _dir: ServerDir,
 }
 
@@ -226,19 +301,40 @@ impl NatsCluster {
 
     /// Starts an `n`-node cluster (`n == 1` means a standalone server, no cluster block).
     pub async fn start_with_nodes(version: NatsVersion, n: usize) -> Result<Self> {
+        Self::start_with_options(version, n, &NatsOptions::default()).await
+    }
+
+    /// Starts an `n`-node cluster (`n == 1`: a standalone server) whose clients must follow
+    /// `options` (auth, TLS).
+    pub async fn start_with_options(
+        version: NatsVersion,
+        n: usize,
+        options: &NatsOptions,
+    ) -> Result<Self> {
         let binary = version.binary()?;
         let mut tries = 0;
         loop {
-            match Self::try_start(version, &binary, n).await {
+            match Self::try_start(version, &binary, n, options).await {
                 Err(e) if port_clash(&e) && tries < PORT_CLASH_RETRIES => tries += 1,
                 other => return other,
             }
         }
     }
 
-    async fn try_start(version: NatsVersion, binary: &ServerBinary, n: usize) -> Result<Self> {
+    async fn try_start(
+        version: NatsVersion,
+        binary: &ServerBinary,
+        n: usize,
+        options: &NatsOptions,
+    ) -> Result<Self> {
         let clustered = n > 1;
         let dir = ServerDir::new(&format!("nats-{}", version.as_str().trim_end_matches('+')))?;
+        let tls = if options.tls {
+            Some(TlsFiles::generate(&dir.sub("tls")?)?)
+        } else {
+            None
+        };
+        let client_conf = options.conf(tls.as_ref());
         let ports = (0..n)
             .map(|_| {
                 let cluster = if clustered { Some(free_port()?) } else { None };
@@ -258,6 +354,7 @@ impl NatsCluster {
                  jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 268435456\n  max_file_store: 1073741824\n}}\n",
                 store_dir.display()
             );
+            conf.push_str(&client_conf);
             if let Some(cp) = cluster_port {
                 let routes = ports
                     .iter()
@@ -298,6 +395,7 @@ impl NatsCluster {
         let cluster = NatsCluster {
             version,
             nodes,
+            tls,
             _dir: dir,
         };
         cluster.wait_healthy().await?;
@@ -307,6 +405,40 @@ impl NatsCluster {
     /// The version it runs.
     pub fn version(&self) -> NatsVersion {
         self.version
+    }
+
+    /// The certificates, when clients must use TLS ([`NatsOptions::tls`]).
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// The leader of `stream` as a server name (`n0`, `n1`, …), waiting (bounded) through an
+    /// election.
+    pub async fn stream_leader_name(&self, stream: &str) -> Result<String> {
+        let i = self.stream_leader_index(stream).await?;
+        Ok(self.node(i).name().to_string())
+    }
+
+    /// Waits (bounded) until `stream` has an agreed leader other than node `not`, e.g. after
+    /// killing that node; returns the new leader's index.
+    pub async fn wait_stream_leader_change(&self, stream: &str, not: usize) -> Result<usize> {
+        let found = Mutex::new(None);
+        wait_until(
+            &format!("stream {stream:?} elects a leader other than node {not}"),
+            &self.running(),
+            CLUSTER_TIMEOUT,
+            || async {
+                let i = self.stream_leader_index(stream).await?;
+                if i == not {
+                    bail!("node {not} still leads {stream:?}");
+                }
+                *found.lock().unwrap_or_else(|e| e.into_inner()) = Some(i);
+                Ok(())
+            },
+        )
+        .await?;
+        let i = found.lock().unwrap_or_else(|e| e.into_inner()).take();
+        i.ok_or_else(|| anyhow!("leader lost between probe and return"))
     }
 
     /// All nodes.
@@ -472,6 +604,18 @@ impl NatsServer {
         Ok(NatsServer {
             inner: NatsCluster::start_with_nodes(version, 1).await?,
         })
+    }
+
+    /// Starts the server with client auth and/or TLS and waits until `/healthz` is ok.
+    pub async fn start_with(version: NatsVersion, options: &NatsOptions) -> Result<Self> {
+        Ok(NatsServer {
+            inner: NatsCluster::start_with_options(version, 1, options).await?,
+        })
+    }
+
+    /// The certificates, when clients must use TLS ([`NatsOptions::tls`]).
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.inner.tls_files()
     }
 
     /// The version it runs.

@@ -1,0 +1,141 @@
+//! NATS JetStream driver for [dlock](https://docs.rs/dlock): the six DLM lock modes, fair FIFO queues,
+//! fencing tokens from stream sequences and per-entry leases, on a single server (R1 stream) or a
+//! cluster (R3), on NATS 2.9 and newer.
+//!
+//! ```no_run
+//! # async fn demo() -> dlock_core::Result<()> {
+//! let driver = dlock_jetstream::JetStreamDriver::connect("nats://127.0.0.1:4222").await?;
+//! let locks = dlock_core::Locks::new(driver);
+//! let guard = locks.lock("stock/42").await?;
+//! # drop(guard); Ok(()) }
+//! ```
+//!
+//! With the `dlock` facade, `dlock::connect(url)` picks this driver for `nats://` and `tls://` URLs.
+//!
+//! # URLs
+//!
+//! `nats://[USER:PASSWORD@|TOKEN@]HOST[:PORT][,HOST[:PORT]…][?PARAMS]`, or `tls://…` to require TLS.
+//! The port defaults to 4222; several hosts are seeds of one cluster. Credentials are
+//! percent-encoded (`@` is `%40`); a user-info part without `:` is a token. Parameters:
+//!
+//! | parameter | default | meaning |
+//! |---|---|---|
+//! | `stream=NAME` | `DLOCK` | the lock stream |
+//! | `prefix=a.b` | `dlock` | its subjects are `PREFIX.>` |
+//! | `replicas=N` | 1 (or what the stream has) | replicas when creating the stream; an existing stream with another count is refused |
+//! | `lease=auto\|ttl\|clock` | `auto` | lease mode for a new stream (see [Leases](#leases)); `ttl` needs 2.11+ |
+//! | `creds=PATH` | | a NATS creds file (JWT + NKey seed) |
+//! | `tls=true`, `ca=PATH` | | require TLS; trust the CA certificate(s) in `PATH` (PEM) |
+//! | `cert=PATH&key=PATH` | | client certificate and key (PEM) for mutual TLS |
+//! | `timeout_ms=N` | 5000 | connect and request timeout |
+//! | `clock_skew_ms=N` | 250 | client-clock mode: the largest clock difference assumed between cluster servers |
+//! | `recheck_ms=N` | 5000 | a waiter re-reads its queue this often even without a change notification |
+//! | `discover=false` | `true` | do not connect to servers the cluster advertises, only to the listed ones |
+//!
+//! Wrong credentials fail at connect with an error saying that authentication failed; unknown
+//! parameters are refused, so a typo cannot silently change behaviour.
+//!
+//! # Stream layout
+//!
+//! The driver creates its own stream (plain JetStream API, not the key-value helpers, which fail
+//! against 2.9 servers) and checks an existing one: subjects `PREFIX.>`, limits retention with no
+//! age, count or size limits, `max_msgs_per_subject` 1 (32 where writes are verified, see below),
+//! `allow_direct` off, `deny_purge` off; on 2.11+ also `allow_msg_ttl` and
+//! `subject_delete_marker_ttl`. Per lock name, with `T` = [`LockName::encoded`](dlock_core::LockName::encoded)
+//! (only `[A-Za-z0-9_%-]`, so `.`, `*`, `>`, spaces or unicode can neither merge names nor leave the
+//! namespace):
+//!
+//! | subject | content |
+//! |---|---|
+//! | `PREFIX.T._q` | the queue head: every entry's owner, queue position, mode, grant, pending conversion and fencing token, plus the full name (JSON) |
+//! | `PREFIX.T.OWNER` | one entry's lease: its TTL and the sequence of its first message (JSON) |
+//! | `PREFIX._clock` | client-clock mode only: written to learn the server's time |
+//!
+//! Names whose encoding is longer than 192 bytes use `T` = `%H` + the SHA-256 of the name in hex
+//! instead (NATS caps a protocol line, and so a subject, at 4 KiB by default). `%H` never starts an
+//! encoding, and every read compares the full name stored in the head with the name asked for, so
+//! even a digest collision is reported as an error instead of merging two locks.
+//!
+//! # Operations
+//!
+//! - **Queue order** is the stream sequence of an entry's first message (`seq` in
+//!   [`EntryInfo`](dlock_core::EntryInfo)).
+//! - **Every decision** reads the head and the entries it lists through the stream leader
+//!   (`$JS.API.STREAM.MSG.GET`, last message by subject; never a direct get, which a lagging follower
+//!   may answer), drops entries whose lease ended, applies the operation and
+//!   [`dlock_core::grant`], and writes the new head with `Nats-Expected-Last-Subject-Sequence`. Every
+//!   grant on a name therefore passes through one compare-and-set on one subject: two clients with
+//!   stale views cannot both grant conflicting entries; the loser re-reads and decides again.
+//! - **Fencing tokens** are the stream sequence of the head write that made the grant (for a
+//!   conversion: that granted the conversion). They increase along every chain of conflicting holders
+//!   (`fencing`), but compatible entries granted by one write share a token, so `fencing_total_order`
+//!   is not claimed. Deleting the stream restarts sequences, and with them tokens.
+//! - **Release** purges the owner's entry subject, then removes the entry from the head. A retried or
+//!   stale release only ever touches its own entry.
+//! - **Renewal** rewrites the entry with compare-and-set on its last sequence; an entry that was
+//!   removed cannot be renewed back to life. `renew` returns the local instant taken just before the
+//!   successful renewal was sent.
+//! - **Waiting**: waiters of a name share one ordered push consumer per client (filtered to the name's
+//!   subjects, headers only, new messages only) and re-check on every head write or delete marker;
+//!   renewals do not wake them. Besides, a waiter wakes when the next lease in its queue ends (client-
+//!   clock mode), and every `recheck_ms` as a backstop. Dropping `wait` only drops a subscription.
+//!
+//! # Leases
+//!
+//! The mode is picked when the stream is created (by server version, or `lease=`) and read back from
+//! the stream by every client, so all clients of a stream agree.
+//!
+//! **Server TTL (NATS 2.11+).** Every entry message carries `Nats-TTL` (the lease rounded *up* to whole
+//! seconds, since the server counts whole seconds), so the server removes an entry whose holder stopped
+//! renewing, counting from when it stored the last renewal, and writes a subject delete marker that
+//! the waiters' consumers deliver at once. An entry is live while its message exists. No client clock
+//! is involved. The shortest TTL is 1 s.
+//!
+//! **Client clock (NATS 2.9/2.10).** There is no per-message TTL, and a stream-wide `max_age` would
+//! also age out the queue head of a lock held longer than it, so no age limit is used. Each entry
+//! stores its TTL; it counts as expired once a *server* timestamp later than the entry's last write
+//! plus TTL plus `clock_skew_ms` has been seen: the timestamps of the messages read for the decision,
+//! and, when a waiter wakes for an expiry, the timestamp of a message it writes to `PREFIX._clock`
+//! just then. Local clocks are never compared with server clocks. An expired entry is removed with a
+//! purge bounded by the sequence that was judged (a renewal that got in first survives it) before the
+//! head forgets it. Assumptions: the servers' wall clocks run at the rate of real time (NTP slewing
+//! is fine), do not jump, and differ between cluster members by less than `clock_skew_ms` (the
+//! leader that stamps a renewal and the one whose later timestamp judges it may differ after a
+//! failover). A holder's validity window ends TTL minus the core's drift margin after it *sent* its
+//! last renewal, and the server stamps that renewal later, so the store never frees the lock inside
+//! the window under these assumptions. The shortest TTL is 100 ms. Clients that crash between writing
+//! their entry and adding it to the head leave a small message that nothing reads; the next release
+//! of that name does not remove it (there is no age limit), which is the price of not aging out
+//! heads.
+//!
+//! # Guarantees
+//!
+//! - **Single server (R1)**: every write is compare-and-set on one server; the guarantees of the
+//!   dlock model hold as long as the server's store does (it persists to disk; a server restart keeps
+//!   the locks, with leases still counted in its time).
+//! - **Cluster (R3)**: the stream survives the loss of one server. While a new stream leader is
+//!   elected (a few seconds), operations fail or wait; holders whose renewals fail for longer than
+//!   their validity window see `lost()`, waiters keep waiting, and nothing is granted twice, because
+//!   every grant is a replicated compare-and-set. A partitioned old leader cannot complete writes, so
+//!   it can at most make a client retry.
+//! - **NATS 2.9 clusters**: these servers do not enforce `Nats-Expected-Last-Subject-Sequence` between
+//!   writes in flight at the same time (measured on 2.9.10 R3: most rounds of four racing writers had
+//!   several winners; single servers and 2.11+ clusters had none). On replicated streams before 2.11
+//!   the driver therefore keeps 32 messages per subject and checks every write after the fact: a head
+//!   write counts only if it is the first message on the subject after the head it replaced (the
+//!   stream's order is the same for every reader, so all agree on the winner, and readers skip the
+//!   losers); a renewal counts only if it directly follows the entry's previous message and that
+//!   message still exists (it was not purged as expired first). This assumes fewer than 32 writers
+//!   race on one name within one replication round.
+//! - **Atomicity A** (no incompatible holders) holds across failovers as above; **liveness**: a
+//!   crashed holder's lock is granted to the next waiter within its TTL (rounded up to whole seconds
+//!   on 2.11+) plus the delivery of the delete marker, or plus `clock_skew_ms` and one read on 2.9.
+#![warn(missing_docs)]
+
+mod config;
+mod driver;
+mod layout;
+mod watch;
+
+pub use config::LeaseMode;
+pub use driver::JetStreamDriver;
