@@ -4,14 +4,16 @@
 //! ```text
 //! cargo run --release -p dlock-tests --bin dlock-bench -- --driver memory
 //! cargo run --release -p dlock-tests --bin dlock-bench -- --driver redis --rounds 5
+//! cargo run --release -p dlock-tests --bin dlock-bench -- --driver jetstream --rounds 5
 //! ```
 //!
 //! Scenarios, each run `--rounds` times (median reported):
-//! - **uncontended**: acquire + release cycles/s on one name, against the raw floor: the same store
-//!   round trips done with raw calls (the driver's own enqueue + release for the in-memory store; a
-//!   `SET NX PX` + `DEL` pair for Redis).
+//! - **uncontended**: acquire + release cycles/s on one name, against the raw floor: two store round
+//!   trips done with raw calls (the driver's own enqueue + release for the in-memory store; a
+//!   `SET NX PX` + `DEL` pair for Redis; two acknowledged publishes for JetStream).
 //! - **handoff**: waiters in line for one `EX` lock; latency from a holder's release to the next grant,
-//!   p50 and p99, against the store's raw round trip (in memory: the same handoff on a tokio Mutex).
+//!   p50 and p99, against the store's raw round trip (`PING`; an acknowledged JetStream publish; in
+//!   memory, the same handoff on a tokio Mutex).
 //! - **many names**: 16 tasks cycling over 1000 names, acquires/s.
 //! - **round trips per handoff** (Redis): scripts run per acquire + release as the number of waiters
 //!   grows; flat means no thundering herd.
@@ -27,7 +29,7 @@ use dlock::{
     Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, LockMode, LockName, Locks,
     MemoryDriver, OwnerId, Queued,
 };
-use dlock_tests::harness::{RedisServer, RespConnection};
+use dlock_tests::harness::{NatsServer, NatsVersion, RedisServer, RespConnection};
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(10);
@@ -36,6 +38,7 @@ const TTL: Duration = Duration::from_secs(10);
 enum Target {
     Memory,
     Redis,
+    JetStream,
 }
 
 struct Options {
@@ -58,12 +61,13 @@ fn parse() -> Result<Options> {
                 options.target = match value()?.as_str() {
                     "memory" => Target::Memory,
                     "redis" => Target::Redis,
-                    other => bail!("unknown driver {other:?}; use memory or redis"),
+                    "jetstream" => Target::JetStream,
+                    other => bail!("unknown driver {other:?}; use memory, redis or jetstream"),
                 }
             }
             "--rounds" => options.rounds = value()?.parse().context("--rounds")?,
             "--scale" => options.scale = value()?.parse().context("--scale")?,
-            other => bail!("unknown flag {other}; usage: dlock-bench [--driver memory|redis] [--rounds N] [--scale F]"),
+            other => bail!("unknown flag {other}; usage: dlock-bench [--driver memory|redis|jetstream] [--rounds N] [--scale F]"),
         }
     }
     if options.rounds == 0 {
@@ -106,28 +110,42 @@ impl<D: Driver> Driver for Counting<D> {
 
 /// The store under test and how to reach it raw.
 struct Store {
-    target: Target,
     memory: MemoryDriver,
     redis: Option<RedisServer>,
+    nats: Option<(NatsServer, async_nats::jetstream::Context)>,
 }
 
 impl Store {
     async fn start(target: Target) -> Result<Self> {
-        let redis = match target {
-            Target::Redis => Some(RedisServer::start().await?),
-            Target::Memory => None,
-        };
-        Ok(Store {
-            target,
+        let mut store = Store {
             memory: MemoryDriver::new(),
-            redis,
-        })
+            redis: None,
+            nats: None,
+        };
+        match target {
+            Target::Memory => {}
+            Target::Redis => store.redis = Some(RedisServer::start().await?),
+            Target::JetStream => {
+                let server = NatsServer::start(NatsVersion::V2_11Plus).await?;
+                let js = async_nats::jetstream::new(async_nats::connect(server.url()).await?);
+                js.create_stream(async_nats::jetstream::stream::Config {
+                    name: "BENCHRAW".into(),
+                    subjects: vec!["benchraw.>".into()],
+                    max_messages_per_subject: 1,
+                    ..Default::default()
+                })
+                .await?;
+                store.nats = Some((server, js));
+            }
+        }
+        Ok(store)
     }
 
     async fn driver(&self) -> Result<Arc<dyn Driver>> {
-        Ok(match (&self.redis, self.target) {
-            (Some(server), Target::Redis) => {
-                Arc::new(dlock_redis::RedisDriver::connect(&server.url()).await?)
+        Ok(match (&self.redis, &self.nats) {
+            (Some(server), _) => Arc::new(dlock_redis::RedisDriver::connect(&server.url()).await?),
+            (_, Some((server, _))) => {
+                Arc::new(dlock_jetstream::JetStreamDriver::connect(&server.url()).await?)
             }
             _ => Arc::new(self.memory.clone()),
         })
@@ -135,6 +153,14 @@ impl Store {
 
     async fn locks(&self) -> Result<Locks> {
         Ok(Locks::from_arc(self.driver().await?))
+    }
+
+    /// One acknowledged JetStream publish: the store's raw round trip.
+    async fn publish(js: &async_nats::jetstream::Context, i: usize) -> Result<()> {
+        js.publish(format!("benchraw.{}", i % 64), "x".into())
+            .await?
+            .await?;
+        Ok(())
     }
 
     /// Lua scripts run so far (Redis `INFO commandstats`): every driver operation is one script, so
@@ -188,8 +214,8 @@ async fn uncontended(store: &Store, cycles: usize) -> Result<(f64, f64)> {
     let dlock_rate = cycles as f64 / start.elapsed().as_secs_f64();
 
     let start = Instant::now();
-    match &store.redis {
-        Some(server) => {
+    match (&store.redis, &store.nats) {
+        (Some(server), _) => {
             let mut raw = RespConnection::connect(server.addr(), None).await?;
             for i in 0..cycles {
                 let value = i.to_string();
@@ -198,7 +224,13 @@ async fn uncontended(store: &Store, cycles: usize) -> Result<(f64, f64)> {
                 raw.command(&["DEL", "bench/raw"]).await?;
             }
         }
-        None => {
+        (_, Some((_, js))) => {
+            for i in 0..cycles {
+                Store::publish(js, 2 * i).await?;
+                Store::publish(js, 2 * i + 1).await?;
+            }
+        }
+        _ => {
             let driver = store.driver().await?;
             let name = LockName::new("bench/raw")?;
             for i in 0..cycles {
@@ -264,8 +296,8 @@ async fn handoffs(
 /// memory, the same handoff measured on a `tokio::sync::Mutex`.
 async fn baseline_handoffs(store: &Store, n: usize) -> Result<Vec<Duration>> {
     let mut out = Vec::with_capacity(n);
-    match &store.redis {
-        Some(server) => {
+    match (&store.redis, &store.nats) {
+        (Some(server), _) => {
             let mut raw = RespConnection::connect(server.addr(), None).await?;
             for _ in 0..n {
                 let start = Instant::now();
@@ -273,7 +305,14 @@ async fn baseline_handoffs(store: &Store, n: usize) -> Result<Vec<Duration>> {
                 out.push(start.elapsed());
             }
         }
-        None => {
+        (_, Some((_, js))) => {
+            for i in 0..n {
+                let start = Instant::now();
+                Store::publish(js, i).await?;
+                out.push(start.elapsed());
+            }
+        }
+        _ => {
             let mutex = Arc::new(tokio::sync::Mutex::new(()));
             let released_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
             let samples = Arc::new(Mutex::new(Vec::new()));
@@ -366,7 +405,7 @@ async fn main() -> Result<()> {
     let store = Store::start(options.target).await?;
     let (cycles, per_waiter, per_task) = match options.target {
         Target::Memory => (20_000, 2_000, 2_000),
-        Target::Redis => (2_000, 200, 200),
+        Target::Redis | Target::JetStream => (2_000, 200, 200),
     };
     let (cycles, per_waiter, per_task) = (
         scaled(cycles, options.scale),
@@ -420,6 +459,7 @@ async fn main() -> Result<()> {
     let baseline = match options.target {
         Target::Memory => "tokio Mutex handoff",
         Target::Redis => "raw PING round trip",
+        Target::JetStream => "raw acknowledged publish",
     };
     println!(
         "| handoff latency, 8 waiters | p50 {:.0} µs, p99 {:.0} µs | {baseline} p50 {:.1} µs, p99 {:.1} µs | ratio p50 {:.1}, p99 {:.1} |",
@@ -445,7 +485,7 @@ async fn main() -> Result<()> {
         median(ratios)
     );
 
-    if options.target != Target::Memory {
+    if options.target == Target::Redis {
         for waiters in [1, 4, 16, 64] {
             let mut per = Vec::new();
             for _ in 0..options.rounds {
