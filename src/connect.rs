@@ -12,6 +12,7 @@ use dlock_core::{Error, Locks, MemoryDriver, Result};
 /// | `mem://` | a new in-process store, private to this client | (always) |
 /// | `mem://NAME` | the in-process store `NAME`, shared by every `connect` to it in this process | (always) |
 /// | `redis://`, `rediss://`, `redis+cluster://`, `rediss+cluster://` | Redis (see `dlock_redis`) | `redis` |
+/// | `etcd://h1:p1,h2:p2`, `etcds://…` | etcd v3 (see `dlock_etcd`) | `etcd` |
 /// | `nats://…`, `tls://…` | NATS JetStream (see `dlock_jetstream`) | `jetstream` |
 ///
 /// A scheme whose driver is not compiled in is refused with an error that names the feature to enable.
@@ -38,12 +39,10 @@ pub async fn connect(url: &str) -> Result<Locks> {
         }
         #[cfg(not(feature = "redis"))]
         "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => missing_feature(scheme, "redis"),
-        "etcd" | "etcds" => Err(Error::Unsupported {
-            driver: "connect",
-            what: format!(
-                "{scheme}:// needs a driver this version of dlock does not include yet; the README's driver table lists the stores it supports"
-            ),
-        }),
+        #[cfg(feature = "etcd")]
+        "etcd" | "etcds" => Ok(Locks::new(dlock_etcd::EtcdDriver::connect(url).await?)),
+        #[cfg(not(feature = "etcd"))]
+        "etcd" | "etcds" => missing_feature(scheme, "etcd"),
         #[cfg(feature = "jetstream")]
         "nats" | "tls" => Ok(Locks::new(dlock_jetstream::JetStreamDriver::connect(url).await?)),
         #[cfg(not(feature = "jetstream"))]
@@ -75,7 +74,7 @@ fn memory_store(name: &str) -> Result<MemoryDriver> {
     Ok(stores.entry(name.to_owned()).or_default().clone())
 }
 
-#[cfg(not(all(feature = "redis", feature = "jetstream")))]
+#[cfg(not(all(feature = "redis", feature = "etcd", feature = "jetstream")))]
 fn missing_feature(scheme: &str, feature: &str) -> Result<Locks> {
     Err(Error::Unsupported {
         driver: "connect",

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use dlock_core::grant::{self, Decision, QueueEntry};
 use dlock_core::{
     Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName,
-    MemoryDriver, OwnerId, Queued, Result,
+    OwnerId, Queued, Result,
 };
 use tokio::time::Instant;
 
@@ -261,8 +261,7 @@ impl JetStreamDriver {
             .get_stream_no_info(&settings.stream)
             .await
             .map_err(backend)?;
-        let mut caps = MemoryDriver::new().capabilities();
-        caps.driver = DRIVER;
+        let mut caps = Capabilities::new(DRIVER);
         caps.modes = LockMode::ALL.to_vec();
         caps.fencing = true;
         // Compatible entries granted by one head write share that write's sequence as their token.

@@ -2,6 +2,9 @@
 //!
 //! Readiness, leader and key-value checks go through etcd's v3 JSON gateway (`/health`,
 //! `/v3/maintenance/status`, `/v3/kv/*`), served on the client port by both 3.4 and 3.5.
+//!
+//! [`EtcdSecurity`] adds TLS on a second client port (the plain port stays for those probes) and
+//! username/password authentication, set up through the same gateway.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,7 @@ use super::process::{
     free_port, port_clash, wait_until, ServerProcess, CLUSTER_TIMEOUT, PORT_CLASH_RETRIES,
     START_TIMEOUT,
 };
+use super::tls::TlsFiles;
 
 /// etcd versions under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,11 +69,31 @@ impl EtcdVersion {
     }
 }
 
+/// Optional security for an etcd cluster: TLS on an extra client port, and authentication.
+///
+/// The plain `http://` client port stays open either way, so the harness's own readiness and
+/// leader probes (and tests that want to bypass TLS) keep working; clients under test use
+/// [`EtcdMember::tls_endpoint`].
+#[derive(Clone, Debug, Default)]
+pub struct EtcdSecurity {
+    /// Serve clients over TLS too, on an extra port, with certificates from [`TlsFiles`]
+    /// (`--cert-file`, `--key-file`, `--trusted-ca-file`).
+    pub tls: bool,
+    /// With `tls`: require a client certificate signed by the harness CA (`--client-cert-auth`).
+    pub client_cert_auth: bool,
+    /// Enable authentication (`/v3/auth/enable`) once the cluster is healthy. The user `root` gets
+    /// the given password; any other user name is created as well, with read-write access to the
+    /// keys under `dlock/` only.
+    pub auth: Option<(String, String)>,
+}
+
 /// One etcd member process.
 #[derive(Debug)]
 pub struct EtcdMember {
     name: String,
     client_port: u16,
+    /// The TLS client port, when the cluster serves TLS.
+    tls_port: Option<u16>,
     peer_port: u16,
     data_dir: PathBuf,
     process: ServerProcess,
@@ -96,6 +120,16 @@ impl EtcdMember {
     /// `127.0.0.1:client_port`.
     pub fn client_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    /// `https://127.0.0.1:PORT`, when the cluster serves TLS.
+    pub fn tls_endpoint(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("https://127.0.0.1:{p}"))
+    }
+
+    /// The TLS client port, when the cluster serves TLS.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 
     /// The peer (raft) port.
@@ -221,6 +255,7 @@ fn json_u64(v: &Value) -> Option<u64> {
 pub struct EtcdCluster {
     version: EtcdVersion,
     members: Vec<EtcdMember>,
+    tls: Option<TlsFiles>,
     _dir: ServerDir,
 }
 
@@ -232,21 +267,104 @@ impl EtcdCluster {
 
     /// Starts an `n`-member cluster and waits until every member is healthy.
     pub async fn start_with_members(version: EtcdVersion, n: usize) -> Result<Self> {
-        let binary = version.binary()?;
-        let mut tries = 0;
-        loop {
-            match Self::try_start(version, &binary, n).await {
-                Err(e) if port_clash(&e) && tries < PORT_CLASH_RETRIES => tries += 1,
-                other => return other,
-            }
-        }
+        Self::start_secured(version, n, &EtcdSecurity::default()).await
     }
 
-    async fn try_start(version: EtcdVersion, binary: &ServerBinary, n: usize) -> Result<Self> {
+    /// Starts an `n`-member cluster with TLS and/or authentication, waits until every member is
+    /// healthy, then enables authentication if asked to.
+    pub async fn start_secured(
+        version: EtcdVersion,
+        n: usize,
+        security: &EtcdSecurity,
+    ) -> Result<Self> {
+        let binary = version.binary()?;
+        let mut tries = 0;
+        let cluster = loop {
+            match Self::try_start(version, &binary, n, security).await {
+                Err(e) if port_clash(&e) && tries < PORT_CLASH_RETRIES => tries += 1,
+                other => break other?,
+            }
+        };
+        if let Some((user, password)) = &security.auth {
+            cluster.enable_auth(user, password).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Creates the users and roles of [`EtcdSecurity::auth`] and enables authentication, through
+    /// the JSON gateway of member 0.
+    async fn enable_auth(&self, user: &str, password: &str) -> Result<()> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let addr = self.members[0].client_addr();
+        let post = |path: &'static str, body: Value| async move {
+            http_post_json(addr, path, &body)
+                .await?
+                .ok()
+                .with_context(|| format!("POST {path} (enabling etcd auth)"))
+        };
+        let root_password = if user == "root" {
+            password.to_owned()
+        } else {
+            format!("root-{password}")
+        };
+        post(
+            "/v3/auth/user/add",
+            json!({ "name": "root", "password": root_password }),
+        )
+        .await?;
+        post("/v3/auth/role/add", json!({ "name": "root" })).await?;
+        post(
+            "/v3/auth/user/grant",
+            json!({ "user": "root", "role": "root" }),
+        )
+        .await?;
+        if user != "root" {
+            post("/v3/auth/role/add", json!({ "name": "dlock-rw" })).await?;
+            post(
+                "/v3/auth/role/grant",
+                json!({
+                    "name": "dlock-rw",
+                    "perm": {
+                        "permType": "READWRITE",
+                        "key": b64.encode("dlock/"),
+                        "range_end": b64.encode("dlock0"),
+                    }
+                }),
+            )
+            .await?;
+            post(
+                "/v3/auth/user/add",
+                json!({ "name": user, "password": password }),
+            )
+            .await?;
+            post(
+                "/v3/auth/user/grant",
+                json!({ "user": user, "role": "dlock-rw" }),
+            )
+            .await?;
+        }
+        post("/v3/auth/enable", json!({})).await?;
+        Ok(())
+    }
+
+    async fn try_start(
+        version: EtcdVersion,
+        binary: &ServerBinary,
+        n: usize,
+        security: &EtcdSecurity,
+    ) -> Result<Self> {
         let dir = ServerDir::new(&format!("etcd-{}", version.as_str()))?;
+        let tls = if security.tls {
+            Some(TlsFiles::generate(&dir.sub("tls")?)?)
+        } else {
+            None
+        };
         let ports = (0..n)
             .map(|_| Ok((free_port()?, free_port()?)))
             .collect::<Result<Vec<(u16, u16)>>>()?;
+        let tls_ports = (0..n)
+            .map(|_| tls.as_ref().map(|_| free_port()).transpose())
+            .collect::<Result<Vec<Option<u16>>>>()?;
         let initial_cluster = ports
             .iter()
             .enumerate()
@@ -260,9 +378,12 @@ impl EtcdCluster {
             let name = format!("m{i}");
             let member_dir = dir.sub(&name)?;
             let data_dir = member_dir.join("data");
-            let client = format!("http://127.0.0.1:{client_port}");
+            let mut client = format!("http://127.0.0.1:{client_port}");
+            if let Some(tls_port) = tls_ports[i] {
+                client.push_str(&format!(",https://127.0.0.1:{tls_port}"));
+            }
             let peer = format!("http://127.0.0.1:{peer_port}");
-            let args = os_args([
+            let mut args = os_args([
                 "--name",
                 &name,
                 "--data-dir",
@@ -284,6 +405,19 @@ impl EtcdCluster {
                 "--logger",
                 "zap",
             ]);
+            if let Some(files) = &tls {
+                args.extend(os_args([
+                    "--cert-file",
+                    &files.server_cert.display().to_string(),
+                    "--key-file",
+                    &files.server_key.display().to_string(),
+                    "--trusted-ca-file",
+                    &files.ca_cert.display().to_string(),
+                ]));
+                if security.client_cert_auth {
+                    args.extend(os_args(["--client-cert-auth"]));
+                }
+            }
             let label = if n == 1 {
                 format!("etcd {} (client port {client_port})", binary.version)
             } else {
@@ -302,6 +436,7 @@ impl EtcdCluster {
             members.push(EtcdMember {
                 name,
                 client_port,
+                tls_port: tls_ports[i],
                 peer_port,
                 data_dir,
                 process,
@@ -311,6 +446,7 @@ impl EtcdCluster {
         let cluster = EtcdCluster {
             version,
             members,
+            tls,
             _dir: dir,
         };
         cluster.wait_healthy().await?;
@@ -345,6 +481,11 @@ impl EtcdCluster {
     /// `http://127.0.0.1:PORT` of every member, in member order.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(EtcdMember::endpoint).collect()
+    }
+
+    /// The certificates, when the cluster serves TLS.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// Waits until every member that is running and not paused reports `/health` true.
@@ -465,6 +606,23 @@ impl EtcdServer {
         Ok(EtcdServer {
             cluster: EtcdCluster::start_with_members(version, 1).await?,
         })
+    }
+
+    /// Starts one member with TLS and/or authentication (see [`EtcdSecurity`]).
+    pub async fn start_secured(version: EtcdVersion, security: &EtcdSecurity) -> Result<Self> {
+        Ok(EtcdServer {
+            cluster: EtcdCluster::start_secured(version, 1, security).await?,
+        })
+    }
+
+    /// `https://127.0.0.1:PORT`, when started with TLS.
+    pub fn tls_endpoint(&self) -> Option<String> {
+        self.member().tls_endpoint()
+    }
+
+    /// The certificates, when started with TLS.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.cluster.tls()
     }
 
     /// The version it runs.

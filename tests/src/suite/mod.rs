@@ -7,6 +7,7 @@
 //! capabilities disagree.
 
 pub mod cases;
+pub mod etcd;
 pub mod jetstream;
 pub mod memory;
 pub mod redis;

@@ -1,0 +1,679 @@
+//! The five operations on etcd.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dlock_core::grant::{self, Decision, QueueEntry};
+use dlock_core::{
+    EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName, Queued, Result,
+};
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnResponse, WatchOptions,
+};
+use tokio::time::Instant;
+
+use crate::entry::{blocks, entry_key, name_prefix, Entry, Value, View};
+use crate::lease::{Lease, Leases, RefreshError, Why};
+use crate::pool::{to_error, CallError, Pool};
+use crate::DRIVER;
+
+/// How many times an operation re-reads the queue after its guarded transaction lost a race before
+/// it gives up. Each lost race means another client's change went through, so this only runs out
+/// under extreme contention on one name.
+const MAX_ROUNDS: usize = 64;
+
+/// What the driver knows about one entry it created.
+struct Tracked {
+    lease: Arc<Lease>,
+    /// `None` until the transaction that created the entry has answered.
+    create_revision: Option<i64>,
+}
+
+pub(crate) struct Inner {
+    pub pool: Arc<Pool>,
+    pub leases: Leases,
+    pub prefix: String,
+    pub min_ttl: Duration,
+    pub user: Option<String>,
+    entries: Mutex<HashMap<EntryKey, Tracked>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.leases.revoke_all_in_background();
+    }
+}
+
+fn lost(key: &EntryKey) -> Error {
+    Error::Lost {
+        name: key.name.to_string(),
+    }
+}
+
+/// The state an entry reports to `enqueue` and `wait`: granted only once no conversion is pending.
+fn queued(entry: &Entry) -> Queued {
+    match entry.value {
+        Value {
+            granted: true,
+            converting_to: None,
+            mode,
+            ..
+        } => Queued::Granted(Grant {
+            mode,
+            token: entry.token(),
+        }),
+        _ => Queued::Waiting,
+    }
+}
+
+/// The revision a transaction was applied at: the fencing token of a grant it made.
+fn revision_of(resp: &TxnResponse) -> Result<i64> {
+    // etcd always sends the header; without it there is no token, and a made-up one could break
+    // fencing, so this is an error rather than a default.
+    resp.header()
+        .map(|h| h.revision())
+        .filter(|&r| r > 0)
+        .ok_or_else(|| {
+            Error::backend_msg(DRIVER, "etcd answered a transaction without its revision")
+        })
+}
+
+impl Inner {
+    pub fn new(
+        pool: Arc<Pool>,
+        leases: Leases,
+        prefix: String,
+        min_ttl: Duration,
+        user: Option<String>,
+    ) -> Self {
+        Inner {
+            pool,
+            leases,
+            prefix,
+            min_ttl,
+            user,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn entries(&self) -> MutexGuard<'_, HashMap<EntryKey, Tracked>> {
+        // Updates under this lock are single inserts and removals; a panic cannot leave it half-done.
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn error(&self, err: CallError) -> Error {
+        to_error(err, self.user.as_deref())
+    }
+
+    fn set_create_revision(&self, key: &EntryKey, revision: i64) {
+        if let Some(tracked) = self.entries().get_mut(key) {
+            tracked.create_revision = Some(revision);
+        }
+    }
+
+    pub fn create_revision(&self, key: &EntryKey) -> Option<i64> {
+        self.entries().get(key).and_then(|t| t.create_revision)
+    }
+
+    pub fn key_of(&self, key: &EntryKey) -> String {
+        entry_key(&self.prefix, key)
+    }
+
+    /// Reads a name's queue with a linearizable range read.
+    async fn read_view(&self, name: &LockName) -> Result<View, CallError> {
+        let prefix = name_prefix(&self.prefix, name);
+        let resp = self
+            .pool
+            .call("read the queue", self.pool.timeout(), |client| {
+                let prefix = prefix.clone();
+                async move {
+                    client
+                        .kv_client()
+                        .get(prefix, Some(GetOptions::new().with_prefix()))
+                        .await
+                }
+            })
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut entries = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            match Entry::from_kv(&prefix, kv) {
+                Some(entry) => entries.push(entry),
+                None => tracing::debug!(
+                    key = %String::from_utf8_lossy(kv.key()),
+                    "dlock-etcd: ignoring a key this driver did not write"
+                ),
+            }
+        }
+        entries.sort_by_key(|e| e.create_revision);
+        self.remove_leftovers(name, &entries);
+        Ok(View { revision, entries })
+    }
+
+    /// Deletes entries on this driver's leases that it no longer tracks: a creating transaction that
+    /// landed after its caller gave up and released (a delayed request), or a release that never got
+    /// through. Other locks of this client keep renewing the lease, so without this such an entry
+    /// could block the name as long as the client runs.
+    fn remove_leftovers(&self, name: &LockName, entries: &[Entry]) {
+        let leftovers: Vec<(String, i64)> = {
+            let tracked = self.entries();
+            entries
+                .iter()
+                .filter(|e| self.leases.is_ours(e.lease))
+                .filter(|e| {
+                    !tracked.contains_key(&EntryKey {
+                        name: name.clone(),
+                        owner: e.owner.clone(),
+                    })
+                })
+                .map(|e| (e.key.clone(), e.create_revision))
+                .collect()
+        };
+        if leftovers.is_empty() {
+            return;
+        }
+        let pool = Arc::clone(&self.pool);
+        tokio::spawn(async move {
+            for (key, create_revision) in leftovers {
+                tracing::info!(%key, "dlock-etcd: deleting a leftover entry of this client");
+                let _ = delete_guarded(&pool, key, create_revision).await;
+            }
+        });
+    }
+
+    async fn txn(&self, what: &'static str, txn: Txn) -> Result<TxnResponse, CallError> {
+        self.pool
+            .call(what, self.pool.timeout(), |client| {
+                let txn = txn.clone();
+                async move { client.kv_client().txn(txn).await }
+            })
+            .await
+    }
+
+    /// Holds only while nothing in the name's queue was created or modified since `view` was read.
+    /// Deletions pass unnoticed, which is safe: removing entries never makes a granted decision wrong.
+    fn unchanged_since(&self, name: &LockName, view: &View) -> Compare {
+        Compare::mod_revision(
+            name_prefix(&self.prefix, name),
+            CompareOp::Less,
+            view.revision + 1,
+        )
+        .with_prefix()
+    }
+
+    pub async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+        let started = Instant::now();
+        let key = &request.key;
+        // The lease's renewal and the first read are independent: one round trip for both.
+        let (lease, first_view) = tokio::join!(
+            self.leases.acquire(request.ttl, started),
+            self.read_view(&key.name)
+        );
+        let mut lease = lease.map_err(|e| self.error(e))?;
+        let mut first_view = Some(first_view);
+        // Tracked before the entry can exist, so it is never mistaken for a leftover.
+        self.entries()
+            .entry(key.clone())
+            .or_insert_with(|| Tracked {
+                lease: Arc::clone(&lease),
+                create_revision: None,
+            });
+        let path = self.key_of(key);
+        for _ in 0..MAX_ROUNDS {
+            let view = match first_view.take() {
+                Some(view) => view,
+                None => self.read_view(&key.name).await,
+            }
+            .map_err(|e| self.error(e))?;
+            if let Some(i) = view.position(&key.owner) {
+                // A repeated enqueue (the first answer was lost): report the entry as it is.
+                self.set_create_revision(key, view.entries[i].create_revision);
+                return Ok(queued(&view.entries[i]));
+            }
+            let mut queue = view.queue();
+            queue.push(QueueEntry::waiting(u64::MAX, request.mode));
+            let absent = Compare::create_revision(path.clone(), CompareOp::Equal, 0);
+            let put = |value: Value, lease: &Lease| {
+                TxnOp::put(
+                    path.clone(),
+                    value.encode(),
+                    Some(PutOptions::new().with_lease(lease.id)),
+                )
+            };
+            let mut try_waiting = request.wait;
+            if grant::grantable(&queue, queue.len() - 1) {
+                let txn = Txn::new()
+                    .when([self.unchanged_since(&key.name, &view), absent.clone()])
+                    .and_then([put(Value::fresh_grant(request.mode), &lease)]);
+                match self.txn("queue a granted entry", txn).await {
+                    Ok(resp) if resp.succeeded() => {
+                        let revision = revision_of(&resp)?;
+                        self.set_create_revision(key, revision);
+                        return Ok(Queued::Granted(Grant {
+                            mode: request.mode,
+                            token: revision as u64,
+                        }));
+                    }
+                    // The queue changed under us. A blocking request just queues (its `wait` will
+                    // grant it); `try_acquire` looks again.
+                    Ok(_) => {}
+                    Err(e) if e.is_lease_not_found() => {
+                        lease = self
+                            .replace_lease(key, &lease, request.ttl, started)
+                            .await?;
+                        continue;
+                    }
+                    Err(e) => return Err(self.error(e)),
+                }
+            } else if !request.wait {
+                self.entries().remove(key);
+                return Err(Error::WouldBlock {
+                    name: key.name.to_string(),
+                });
+            } else {
+                try_waiting = true;
+            }
+            if try_waiting {
+                let txn = Txn::new()
+                    .when([absent])
+                    .and_then([put(Value::waiting(request.mode), &lease)]);
+                match self.txn("queue a waiting entry", txn).await {
+                    Ok(resp) if resp.succeeded() => {
+                        self.set_create_revision(key, revision_of(&resp)?);
+                        return Ok(Queued::Waiting);
+                    }
+                    // The entry exists already (an earlier attempt landed): the next read finds it.
+                    Ok(_) => {}
+                    Err(e) if e.is_lease_not_found() => {
+                        lease = self
+                            .replace_lease(key, &lease, request.ttl, started)
+                            .await?;
+                    }
+                    Err(e) => return Err(self.error(e)),
+                }
+            }
+        }
+        if !request.wait {
+            self.entries().remove(key);
+        }
+        Err(Error::backend_msg(
+            DRIVER,
+            format!(
+                "gave up queueing for lock {:?} after {MAX_ROUNDS} attempts: its queue kept changing",
+                key.name
+            ),
+        ))
+    }
+
+    /// The lease expired between its renewal and the write that attaches an entry to it: a rare race,
+    /// answered with a fresh lease.
+    async fn replace_lease(
+        &self,
+        key: &EntryKey,
+        old: &Arc<Lease>,
+        ttl: Duration,
+        started: Instant,
+    ) -> Result<Arc<Lease>> {
+        old.mark_lost(Why::Gone);
+        let lease = self
+            .leases
+            .acquire(ttl, started)
+            .await
+            .map_err(|e| self.error(e))?;
+        if let Some(tracked) = self.entries().get_mut(key) {
+            tracked.lease = Arc::clone(&lease);
+        }
+        Ok(lease)
+    }
+
+    pub async fn wait(&self, key: &EntryKey) -> Result<Grant> {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self.wait_step(key).await {
+                Ok(Some(grant)) => return Ok(grant),
+                Ok(None) => backoff = Duration::from_millis(20),
+                Err(Step::Final(err)) => return Err(err),
+                Err(Step::Retry(err)) => {
+                    // The store is unreachable or in an election; core ends the wait when the lease
+                    // runs out, so keep trying until then.
+                    tracing::debug!(name = %key.name, error = %err, "dlock-etcd: waiting: store unavailable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// One look at the queue: grant the entry if the rule allows, else watch one key whose change can
+    /// unblock it. `Ok(None)` means "look again".
+    async fn wait_step(&self, key: &EntryKey) -> Result<Option<Grant>, Step> {
+        let lease = self
+            .entries()
+            .get(key)
+            .map(|t| Arc::clone(&t.lease))
+            .ok_or_else(|| Step::Final(lost(key)))?;
+        let view = self.read_view(&key.name).await.map_err(Step::retry)?;
+        let Some(i) = view.position(&key.owner) else {
+            self.entries().remove(key);
+            return Err(Step::Final(lost(key)));
+        };
+        let me = &view.entries[i];
+        if let Queued::Granted(grant) = queued(me) {
+            return Ok(Some(grant));
+        }
+        if lease.is_lost() {
+            // Granting an entry nobody renews would only block the name until it expires.
+            return Err(Step::Final(lost(key)));
+        }
+        let queue = view.queue();
+        let grant_now = match me.value.converting_to {
+            None => grant::grantable(&queue, i).then_some(me.value.mode),
+            // Conversions settle one at a time in queue order: this one goes when it is the next.
+            Some(target) => {
+                (grant::decide(&queue).first() == Some(&Decision::Convert(i))).then_some(target)
+            }
+        };
+        if let Some(mode) = grant_now {
+            let txn = Txn::new()
+                .when([
+                    self.unchanged_since(&key.name, &view),
+                    Compare::create_revision(me.key.clone(), CompareOp::Equal, me.create_revision),
+                ])
+                .and_then([TxnOp::put(
+                    me.key.clone(),
+                    Value::fresh_grant(mode).encode(),
+                    Some(PutOptions::new().with_ignore_lease()),
+                )]);
+            let resp = self.txn("grant", txn).await.map_err(Step::retry)?;
+            if resp.succeeded() {
+                return Ok(Some(Grant {
+                    mode,
+                    token: revision_of(&resp).map_err(Step::Final)? as u64,
+                }));
+            }
+            return Ok(None);
+        }
+        let (watched, filter) = match blocker(&view, i) {
+            Some((j, filter)) => (
+                Some(view.entries[j].key.clone()),
+                filter.then_some((me.value, i, j)),
+            ),
+            None => (None, None),
+        };
+        self.watch_for_change(&key.name, watched, view.revision, filter)
+            .await
+            .map_err(Step::retry)?;
+        Ok(None)
+    }
+
+    /// Waits until `watched` (or, if `None`, anything in the name's queue) changes after `revision`.
+    /// With a `filter` `(me, i, j)`, puts after which the watched entry (at index `j`) still blocks
+    /// `me` (at index `i`) are skipped: a predecessor being granted changes nothing for its
+    /// successor, and waking it would only cost a read.
+    async fn watch_for_change(
+        &self,
+        name: &LockName,
+        watched: Option<String>,
+        revision: i64,
+        filter: Option<(Value, usize, usize)>,
+    ) -> Result<(), CallError> {
+        let (key, options) = match watched {
+            Some(key) => (key, WatchOptions::new()),
+            None => (
+                name_prefix(&self.prefix, name),
+                WatchOptions::new().with_prefix(),
+            ),
+        };
+        let options = options.with_start_revision(revision + 1);
+        let mut stream = self
+            .pool
+            .call("watch", self.pool.timeout(), |client| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { client.watch_client().watch(key, Some(options)).await }
+            })
+            .await?;
+        loop {
+            let Some(resp) = stream.message().await.map_err(CallError::Refused)? else {
+                return Ok(());
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    // History up to our revision is gone: a fresh read has a newer revision.
+                    return Ok(());
+                }
+                // The member lost its leader, or refuses the watch: look again after a pause
+                // rather than in a tight loop.
+                return Err(CallError::Unavailable(format!(
+                    "etcd cancelled the watch: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            for event in resp.events() {
+                let still_blocked = event.event_type() == EventType::Put
+                    && filter.is_some_and(|(me, i, j)| {
+                        event
+                            .kv()
+                            .and_then(|kv| Value::decode(kv.value()))
+                            .is_some_and(|other| blocks(&me, i, &other, j))
+                    });
+                if !still_blocked {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    pub async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
+        let lease = self
+            .entries()
+            .get(key)
+            .map(|t| Arc::clone(&t.lease))
+            .ok_or_else(|| lost(key))?;
+        // A keepalive sent in the last sixth of the TTL is fresh enough: the keeper asks again a
+        // third of the TTL after the instant returned, so keepalives stay 1/6 to 1/3 TTL apart
+        // however many locks share the lease.
+        let window = lease.ttl.min(ttl) / 6;
+        let now = Instant::now();
+        let min_sent = now.checked_sub(window).unwrap_or(now);
+        match lease.refresh(min_sent).await {
+            Ok(sent) => Ok(sent),
+            Err(RefreshError::Lost) => {
+                self.entries().remove(key);
+                Err(lost(key))
+            }
+            Err(RefreshError::Unavailable(message)) => Err(Error::backend_msg(DRIVER, message)),
+        }
+    }
+
+    pub async fn release(&self, key: &EntryKey) -> Result<()> {
+        let known = self.entries().remove(key).and_then(|t| t.create_revision);
+        let path = self.key_of(key);
+        let create_revision = match known {
+            Some(revision) => revision,
+            None => {
+                // The creating transaction never answered (or this is a repeated release): look.
+                let resp = self
+                    .pool
+                    .call("read an entry", self.pool.timeout(), |client| {
+                        let path = path.clone();
+                        async move { client.kv_client().get(path, None).await }
+                    })
+                    .await
+                    .map_err(|e| self.error(e))?;
+                match resp.kvs().first() {
+                    Some(kv) => kv.create_revision(),
+                    None => return Ok(()),
+                }
+            }
+        };
+        delete_guarded(&self.pool, path, create_revision)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn convert(&self, key: &EntryKey, mode: LockMode) -> Result<Queued> {
+        for _ in 0..MAX_ROUNDS {
+            let view = self.read_view(&key.name).await.map_err(|e| self.error(e))?;
+            let Some(i) = view.position(&key.owner) else {
+                self.entries().remove(key);
+                return Err(lost(key));
+            };
+            let me = &view.entries[i];
+            if !me.value.granted {
+                return Err(Error::backend_msg(
+                    DRIVER,
+                    format!("cannot convert lock {:?}: it is not granted yet", key.name),
+                ));
+            }
+            let mine =
+                Compare::create_revision(me.key.clone(), CompareOp::Equal, me.create_revision);
+            let held = Grant {
+                mode: me.value.mode,
+                token: me.token(),
+            };
+            let write = |value: Value| {
+                TxnOp::put(
+                    me.key.clone(),
+                    value.encode(),
+                    Some(PutOptions::new().with_ignore_lease()),
+                )
+            };
+            if mode == held.mode {
+                if me.value.converting_to.is_none() {
+                    return Ok(Queued::Granted(held));
+                }
+                // Withdrawing a pending conversion only relaxes others' constraints: no queue guard,
+                // but the entry must still be the one read, so its token is carried over correctly.
+                let unchanged =
+                    Compare::mod_revision(me.key.clone(), CompareOp::Equal, me.mod_revision);
+                let value = Value {
+                    mode: held.mode,
+                    granted: true,
+                    token: Some(held.token),
+                    converting_to: None,
+                };
+                let txn = Txn::new().when([mine, unchanged]).and_then([write(value)]);
+                if self
+                    .txn("withdraw a conversion", txn)
+                    .await
+                    .map_err(|e| self.error(e))?
+                    .succeeded()
+                {
+                    return Ok(Queued::Granted(held));
+                }
+                continue;
+            }
+            let queue = view.queue();
+            if grant::conversion_deadlocks(&queue, i, mode) {
+                return Err(Error::ConversionDeadlock {
+                    name: key.name.to_string(),
+                    from: held.mode,
+                    to: mode,
+                });
+            }
+            let mut asked = queue;
+            asked[i].converting_to = Some(mode);
+            let now = grant::decide(&asked).first() == Some(&Decision::Convert(i));
+            let value = if now {
+                Value::fresh_grant(mode)
+            } else {
+                Value {
+                    mode: held.mode,
+                    granted: true,
+                    token: Some(held.token),
+                    converting_to: Some(mode),
+                }
+            };
+            // Guarded on the whole queue: the deadlock check and the grant decision hold only for the
+            // queue they were made on.
+            let txn = Txn::new()
+                .when([self.unchanged_since(&key.name, &view), mine])
+                .and_then([write(value)]);
+            let resp = self.txn("convert", txn).await.map_err(|e| self.error(e))?;
+            if resp.succeeded() {
+                return Ok(if now {
+                    Queued::Granted(Grant {
+                        mode,
+                        token: revision_of(&resp)? as u64,
+                    })
+                } else {
+                    Queued::Waiting
+                });
+            }
+        }
+        Err(Error::backend_msg(
+            DRIVER,
+            format!(
+                "gave up converting lock {:?} after {MAX_ROUNDS} attempts: its queue kept changing",
+                key.name
+            ),
+        ))
+    }
+
+    pub async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
+        let view = self.read_view(name).await.map_err(|e| self.error(e))?;
+        Ok(view.entries.iter().map(Entry::info).collect())
+    }
+}
+
+/// How one wait step failed.
+enum Step {
+    /// The answer (`Lost`).
+    Final(Error),
+    /// Store trouble; look again after a pause.
+    Retry(String),
+}
+
+impl Step {
+    fn retry(err: CallError) -> Self {
+        Step::Retry(format!("{err:?}"))
+    }
+}
+
+/// Deletes `key` only if it is still the entry created at `create_revision`: a repeated or late
+/// release can never remove a newer entry that happens to have the same key.
+async fn delete_guarded(pool: &Pool, key: String, create_revision: i64) -> Result<(), CallError> {
+    let txn = Txn::new()
+        .when([Compare::create_revision(
+            key.clone(),
+            CompareOp::Equal,
+            create_revision,
+        )])
+        .and_then([TxnOp::delete(key, None)]);
+    pool.call("release", pool.timeout(), |client| {
+        let txn = txn.clone();
+        async move { client.kv_client().txn(txn).await }
+    })
+    .await
+    .map(|_| ())
+}
+
+/// The entry whose change can unblock the entry at `i`, and whether puts that leave it blocking can
+/// be skipped. `None` only if nothing blocks it (then anything in the queue is watched).
+///
+/// A waiting entry watches its newest conflicting predecessor (or, failing that, a later holder that
+/// converted up): when a holder leaves, only the next conflicting waiter wakes, not the whole queue.
+/// A pending conversion watches the newest conflicting holder, or the earlier conversion that must
+/// settle first.
+fn blocker(view: &View, i: usize) -> Option<(usize, bool)> {
+    let entries = &view.entries;
+    let me = &entries[i].value;
+    let blocking = |j: &usize| *j != i && blocks(me, i, &entries[*j].value, *j);
+    if me.granted {
+        if let Some(j) = (0..entries.len()).rev().find(blocking) {
+            return Some((j, true));
+        }
+        return match grant::decide(&view.queue()).first() {
+            Some(&Decision::Convert(j)) if j != i => Some((j, false)),
+            _ => None,
+        };
+    }
+    (0..i)
+        .rev()
+        .find(blocking)
+        .or_else(|| (i + 1..entries.len()).find(blocking))
+        .map(|j| (j, true))
+}

@@ -1,0 +1,418 @@
+//! etcd v3 driver for [dlock](https://docs.rs/dlock): the six DLM lock modes, fair FIFO queues
+//! without a thundering herd, fencing tokens from etcd revisions, and one lease per client.
+//! Works with etcd 3.4 and 3.5, a single member or a cluster.
+//!
+//! ```no_run
+//! # async fn demo() -> dlock_core::Result<()> {
+//! let driver = dlock_etcd::EtcdDriver::connect("etcd://127.0.0.1:2379").await?;
+//! let locks = dlock_core::Locks::new(driver);
+//! let guard = locks.lock("stock/42").await?;
+//! # drop(guard); Ok(()) }
+//! ```
+//!
+//! With the `dlock` facade (feature `etcd`), `dlock::connect(url)` picks this driver for `etcd://`
+//! and `etcds://` URLs.
+//!
+//! # URLs
+//!
+//! ```text
+//! etcd://[USER:PASSWORD@]HOST[:PORT][,HOST[:PORT]…][/][?PARAM=VALUE[&PARAM=VALUE…]]
+//! etcds://…   the same over TLS
+//! ```
+//!
+//! - `HOST` is a name, an IPv4 address or a bracketed IPv6 address (`[::1]`); `PORT` defaults to 2379.
+//!   List every member of a cluster: the driver talks to one at a time and moves to the next when one
+//!   fails (see [Members](#members)). The list is used as given; members are not discovered.
+//! - `USER:PASSWORD` logs in with etcd's authentication; percent-encode `:`, `@` and `%` in them. A
+//!   wrong user name or password fails [`EtcdDriver::connect`] with an error that says
+//!   "authentication failed".
+//!
+//! Query parameters (values percent-encoded):
+//!
+//! | parameter | meaning |
+//! |---|---|
+//! | `tls_ca=PATH` | `etcds://` only: trust the CA certificate(s) in this PEM file instead of the system's trust store |
+//! | `tls_cert=PATH&tls_key=PATH` | `etcds://` only: a client certificate and its key (PEM), for servers that run with `--client-cert-auth` |
+//! | `tls_domain=NAME` | `etcds://` only: the name the server certificate must carry, when it is not the host as written |
+//! | `prefix=NAME` | the first part of every key (default `dlock`), to keep applications apart; printable ASCII, no spaces, no trailing `/` |
+//! | `timeout_ms=N` | how long one request to one member may take before the next member is tried (default 3000) |
+//! | `connect_timeout_ms=N` | how long connecting to one member may take (default: `timeout_ms`) |
+//!
+//! Anything else is refused with [`Error::InvalidUrl`] naming the problem (unknown parameter, bad
+//! port, TLS parameter on `etcd://`, certificate without key, …).
+//!
+//! # Storage
+//!
+//! One key per queue entry: `<prefix>/<name>/<owner>`, where `<name>` is
+//! [`LockName::encoded`](dlock_core::LockName::encoded) (which never contains `/`, so no name's keys
+//! fall inside another's range) and `<owner>` the entry's [`OwnerId`](dlock_core::OwnerId). Each entry
+//! key is attached to the client's lease. Its value is a few bytes: the mode, whether it is granted, the
+//! fencing token when it differs from the key's `mod_revision`, and a pending conversion — `EX` (waiting),
+//! `PR!` (granted), `PR!1207>EX` (granted PR with token 1207, converting to EX). Keys under the prefix
+//! that do not look like this (a deeper path, an invalid owner, another value, no lease) are ignored.
+//!
+//! Nothing else is stored: a released lock leaves no key, and the entries of a crashed client vanish
+//! with its lease.
+//!
+//! # Operations
+//!
+//! Grants are decided by the client with [`dlock_core::grant`] on a linearizable read of the name's
+//! range, and written by a transaction guarded on that read: it applies only if no key in the range
+//! was created or modified after the read's revision (`mod_revision < rev + 1` over the whole range).
+//! Two clients deciding on stale views therefore cannot both grant conflicting entries: the second
+//! transaction fails and its client reads again. (Deletions do not fail the guard, and need not:
+//! an entry leaving never makes a grant wrong.)
+//!
+//! - **enqueue**: read the queue; if the new entry would be granted, create it granted in one guarded
+//!   transaction, else create it waiting (`try_acquire` creates nothing and answers `WouldBlock`).
+//! - **wait**: read the queue; if the entry is grantable now, the waiter grants itself (a guarded
+//!   transaction); else it watches one key (below) and reads again when that key changes or the watch
+//!   breaks. Waiters write their own grant, so a release is one guarded delete and nothing more.
+//!   Conversions take priority over waiting entries because the grant rule makes waiting entries
+//!   respect pending conversions' target modes.
+//! - **convert**: read, check [`grant::conversion_deadlocks`](dlock_core::grant::conversion_deadlocks),
+//!   then in one guarded transaction either grant the conversion (when it is the next one
+//!   [`grant::decide`](dlock_core::grant::decide) would settle) or record it as pending.
+//! - **release**: delete the key if its `create_revision` is still the entry's own, so a repeated or
+//!   late release can never remove anything else.
+//!
+//! Every request is safe to repeat, which is what lets the driver retry it on another member (a
+//! repeated lease grant at worst leaves an unused lease behind, which expires by itself).
+//!
+//! # Waiting without a herd
+//!
+//! A waiting entry watches only its newest conflicting predecessor (or, when a later holder converted
+//! up, that holder); a pending conversion watches the newest conflicting holder. The watch starts at
+//! the revision after the read, so nothing in between is missed. A release therefore wakes only the
+//! waiters directly behind it: in a line of `EX` waiters, exactly one. Updates of the watched entry
+//! that leave it blocking (say, the predecessor itself being granted) are skipped without a read.
+//! Watches run with `require_leader`, so a member cut off from the quorum ends them, and the waiter
+//! reads again through another member.
+//!
+//! # Leases
+//!
+//! One lease per client and TTL (rounded up to whole seconds, as etcd counts). Entries with the same
+//! TTL share it, so renewal costs the same whatever the number of locks held: renewals from core's
+//! keeper reuse a keepalive sent within the last sixth of the TTL, join the one in flight, or send
+//! one — one keepalive per lease every TTL/6 to TTL/3. `renew` reports when the confirmed keepalive was
+//! *sent*; etcd restarts the TTL when it receives it, never earlier. Queueing an entry first renews
+//! (or grants) its lease with a keepalive sent after the request started, so the new entry's
+//! validity window is covered too.
+//!
+//! When etcd answers a keepalive with "lease not found", or no keepalive was confirmed for a whole
+//! TTL, the lease is lost: every lock on it reports [`Lost`](dlock_core::Error::Lost) on its next
+//! renewal, the driver revokes the lease in the background, and new requests get a new lease.
+//!
+//! etcd has a minimum lease TTL (1.5 × its election timeout, rounded up: 2 s by default) and silently
+//! raises shorter TTLs. The driver learns it at connect time from a `LeaseGrant` answer and reports it
+//! as [`Capabilities::min_ttl`](dlock_core::Capabilities::min_ttl), so shorter TTLs are refused
+//! instead of being stretched behind the caller's back.
+//!
+//! [`Capabilities::per_request_ttl`](dlock_core::Capabilities::per_request_ttl) is `false`: entries
+//! with the same TTL share a lease, so an entry lives as long as its client renews any of them.
+//!
+//! # Fencing tokens
+//!
+//! A grant's token is the revision of the transaction that made it: the entry's create revision when
+//! it was granted on arrival, the revision of the waiter's own grant transaction otherwise, and the
+//! revision of the converting transaction for a conversion. Every grant is its own transaction, and
+//! etcd revisions only grow, so tokens increase with every grant on a name, conflicting or not
+//! ([`Capabilities::fencing_total_order`](dlock_core::Capabilities::fencing_total_order)).
+//!
+//! (The create revision alone would not do for waiters: an entry may wait while a later entry that
+//! was granted a compatible mode converts up to a conflicting one; that holder's conversion token is
+//! newer than the waiter's create revision, and the waiter is granted after it.)
+//!
+//! To make your own etcd writes conditional on holding the lock, see [`EtcdDriver::fenced_txn`].
+//!
+//! # Members
+//!
+//! `etcd-client` balances over all endpoints and keeps sending a share of the calls to a member that
+//! has died or hangs. This driver instead keeps one client per member, sends every call to one
+//! member (the first one listed, to begin with), and on a transport error, a "no leader"/timeout
+//! answer or no answer within `timeout_ms` moves to the next member and repeats the call there
+//! (every member twice at most). Each member's client authenticates with that member, so etcd's
+//! per-member simple tokens work too.
+//!
+//! # Guarantees
+//!
+//! - **Atomicity** (no two incompatible holders; tokens increase along conflicting holders): holds on
+//!   any etcd, through member crashes, leader changes and partitions. Every grant is a linearizable,
+//!   guarded write, and an entry leaves the store only by its owner's delete or by its lease expiring,
+//!   which etcd's leader measures from the *receipt* of the last keepalive — never before the holder's
+//!   validity window (counted from the *send*) has ended.
+//! - **Loss of a minority** of members (crashed, killed or partitioned): locks stay held and waiters
+//!   are granted; requests to a dead member fail over to the others. While a majority is lost, nothing
+//!   is granted or renewed, and holders turn Lost at the end of their validity windows.
+//! - **Leader failover**: requests stall for the election (about a second with default settings) and
+//!   are retried. A new leader restarts every lease's TTL from its election, so locks of a crashed
+//!   client can be freed up to one TTL later than usual after a leader change (the Liveness A bound of
+//!   TTL + ε then stretches by up to one TTL); this never shortens a lease.
+//! - **A partitioned client** sees its renewals fail: its guards turn Suspect, then Lost when their
+//!   validity windows end, before etcd can expire the lease. Other clients are granted only after
+//!   that. A request the client sent into the partition may still arrive later; every such write is
+//!   guarded, and entries left behind this way are deleted by the client when it next reads that
+//!   lock's queue (or expire with the lease).
+//! - **A paused store** (all members frozen) behaves like a partition for every client.
+#![warn(missing_docs)]
+
+mod config;
+mod driver;
+mod entry;
+mod lease;
+mod pool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dlock_core::{
+    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName,
+    Queued, Result,
+};
+use tokio::time::Instant;
+
+/// The `etcd-client` crate this driver is built on, for building the operations of
+/// [`EtcdDriver::fenced_txn`] and for [`EtcdDriver::client`].
+pub use etcd_client;
+
+pub(crate) const DRIVER: &str = "etcd";
+
+/// Locks on an etcd cluster. Cheap to clone: clones share the connections, the leases and the
+/// entries (so a clone can serve [`EtcdDriver::fenced_txn`] for guards of a `Locks` built on another
+/// clone).
+#[derive(Clone)]
+pub struct EtcdDriver {
+    inner: Arc<driver::Inner>,
+}
+
+impl std::fmt::Debug for EtcdDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdDriver")
+            .field("endpoints", &self.inner.pool.endpoints())
+            .field("prefix", &self.inner.prefix)
+            .finish()
+    }
+}
+
+impl EtcdDriver {
+    /// Connects to the etcd members named by `url` (see [URLs](crate#urls)).
+    ///
+    /// Before returning, it asks one member for a lease (to learn etcd's minimum TTL; the lease is
+    /// revoked at once) and reads the key prefix, so a wrong password, a missing permission or an
+    /// unreachable cluster fails here rather than on the first lock.
+    ///
+    /// ```no_run
+    /// use dlock_core::{Locks, LockMode};
+    /// use dlock_etcd::EtcdDriver;
+    /// # async fn demo() -> dlock_core::Result<()> {
+    /// let driver = EtcdDriver::connect(
+    ///     "etcds://locker:secret@10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379?tls_ca=/etc/etcd/ca.pem",
+    /// )
+    /// .await?;
+    /// let locks = Locks::new(driver);
+    /// let guard = locks.lock("stock/42").mode(LockMode::PW).await?;
+    /// println!("fencing token {}", guard.fencing_token());
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config = config::Config::parse(url)?;
+        let options = config.connect_options()?;
+        let pool = Arc::new(pool::Pool::new(
+            config.endpoints.clone(),
+            options,
+            config.timeout,
+        ));
+        let user = config.user.as_ref().map(|(u, _)| u.clone());
+        let fail = |e: pool::CallError| {
+            let err = pool::to_error(e, user.as_deref());
+            match err {
+                Error::Backend {
+                    driver,
+                    message,
+                    source,
+                } => Error::Backend {
+                    driver,
+                    message: format!("connecting to {}: {message}", config.redacted),
+                    source,
+                },
+                other => other,
+            }
+        };
+        // A lease asked for 1 s comes back with etcd's minimum TTL.
+        let probe = pool
+            .call("lease grant", config.timeout, |client| async move {
+                client.lease_client().grant(1, None).await
+            })
+            .await
+            .map_err(fail)?;
+        let (probe_id, min_secs) = (probe.id(), probe.ttl().max(1));
+        let _ = pool
+            .call("lease revoke", config.timeout, |client| async move {
+                client.lease_client().revoke(probe_id).await
+            })
+            .await;
+        let range = format!("{}/", config.prefix);
+        pool.call("read the key prefix", config.timeout, |client| {
+            let range = range.clone();
+            async move {
+                client
+                    .kv_client()
+                    .get(
+                        range,
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_prefix()
+                                .with_count_only(),
+                        ),
+                    )
+                    .await
+            }
+        })
+        .await
+        .map_err(fail)?;
+        let leases = lease::Leases::new(Arc::clone(&pool), min_secs);
+        tracing::debug!(endpoints = ?config.endpoints, min_ttl_secs = min_secs, "dlock-etcd: connected");
+        Ok(EtcdDriver {
+            inner: Arc::new(driver::Inner::new(
+                pool,
+                leases,
+                config.prefix,
+                Duration::from_secs(min_secs as u64),
+                user,
+            )),
+        })
+    }
+
+    /// A comparison that holds only while the entry of `guard` — the lock behind a
+    /// [`Guard`](dlock_core::Guard) from this driver, found with
+    /// [`Guard::entry_key`](dlock_core::Guard::entry_key) — still exists in etcd: it compares the
+    /// entry key's create revision with the entry's own. Put it first in a transaction of your own to
+    /// make the transaction's writes conditional on holding the lock.
+    ///
+    /// [`Error::Lost`] when this driver does not hold that entry (released, lost, or another driver's).
+    pub fn fence(&self, guard: &EntryKey) -> Result<etcd_client::Compare> {
+        let revision = self
+            .inner
+            .create_revision(guard)
+            .ok_or_else(|| Error::Lost {
+                name: guard.name.to_string(),
+            })?;
+        Ok(etcd_client::Compare::create_revision(
+            self.inner.key_of(guard),
+            etcd_client::CompareOp::Equal,
+            revision,
+        ))
+    }
+
+    /// Runs `ops` in one etcd transaction that applies only while the lock of `guard` is held in etcd
+    /// (see [`EtcdDriver::fence`]). Returns the transaction's answer when it applied, and
+    /// [`Error::Lost`] when it did not because the lock's entry is gone — released, or expired with
+    /// the lease after this client lost contact. Unlike a check of
+    /// [`Guard::is_valid`](dlock_core::Guard::is_valid) before writing, the check and the writes happen
+    /// atomically in etcd, so no delay between them can let a write in after the lock was lost.
+    ///
+    /// Like any etcd request of this driver, the transaction is sent again to another member if the
+    /// first one fails without an answer. So it may apply twice, and an answer of `Lost` may follow a
+    /// first attempt that did apply (before the lock was lost); when that matters, build the
+    /// transaction yourself with [`EtcdDriver::fence`], a compare of your own, and
+    /// [`EtcdDriver::client`].
+    ///
+    /// ```no_run
+    /// use dlock_core::Locks;
+    /// use dlock_etcd::{etcd_client::TxnOp, EtcdDriver};
+    /// # async fn demo() -> dlock_core::Result<()> {
+    /// let driver = EtcdDriver::connect("etcd://127.0.0.1:2379").await?;
+    /// let locks = Locks::new(driver.clone());
+    /// let guard = locks.lock("stock/42").await?;
+    /// match driver
+    ///     .fenced_txn(guard.entry_key(), [TxnOp::put("stock/42/count", "41", None)])
+    ///     .await
+    /// {
+    ///     Ok(_) => println!("written while holding the lock"),
+    ///     Err(e) if e.is_lost() => println!("lock lost; nothing written"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn fenced_txn(
+        &self,
+        guard: &EntryKey,
+        ops: impl Into<Vec<etcd_client::TxnOp>>,
+    ) -> Result<etcd_client::TxnResponse> {
+        let fence = self.fence(guard)?;
+        let txn = etcd_client::Txn::new().when([fence]).and_then(ops);
+        let inner = &self.inner;
+        let resp = inner
+            .pool
+            .call("fenced transaction", inner.pool.timeout(), |client| {
+                let txn = txn.clone();
+                async move { client.kv_client().txn(txn).await }
+            })
+            .await
+            .map_err(|e| pool::to_error(e, inner.user.as_deref()))?;
+        if resp.succeeded() {
+            Ok(resp)
+        } else {
+            Err(Error::Lost {
+                name: guard.name.to_string(),
+            })
+        }
+    }
+
+    /// A client connected to the member this driver currently talks to, for requests of your own (it
+    /// carries the URL's credentials and TLS settings).
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        self.inner
+            .pool
+            .any_client()
+            .await
+            .map_err(|e| pool::to_error(e, self.inner.user.as_deref()))
+    }
+
+    /// The key prefix (`prefix=` in the URL; `dlock` by default).
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+}
+
+#[async_trait]
+impl Driver for EtcdDriver {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::new(DRIVER);
+        caps.modes = LockMode::ALL.to_vec();
+        caps.fencing = true;
+        caps.fencing_total_order = true;
+        caps.fair = true;
+        caps.per_request_ttl = false;
+        caps.conversion = true;
+        caps.shared_between_processes = true;
+        caps.min_ttl = self.inner.min_ttl;
+        caps
+    }
+
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+        self.inner.enqueue(request).await
+    }
+
+    async fn wait(&self, key: &EntryKey) -> Result<Grant> {
+        self.inner.wait(key).await
+    }
+
+    async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
+        self.inner.renew(key, ttl).await
+    }
+
+    async fn release(&self, key: &EntryKey) -> Result<()> {
+        self.inner.release(key).await
+    }
+
+    async fn convert(&self, key: &EntryKey, mode: LockMode) -> Result<Queued> {
+        self.inner.convert(key, mode).await
+    }
+
+    async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
+        self.inner.inspect(name).await
+    }
+}
