@@ -4,16 +4,18 @@
 //! ```text
 //! cargo run --release -p dlock-tests --bin dlock-bench -- --driver memory
 //! cargo run --release -p dlock-tests --bin dlock-bench -- --driver redis --rounds 5
+//! cargo run --release -p dlock-tests --bin dlock-bench -- --driver etcd --rounds 5
 //! cargo run --release -p dlock-tests --bin dlock-bench -- --driver jetstream --rounds 5
 //! ```
 //!
 //! Scenarios, each run `--rounds` times (median reported):
 //! - **uncontended**: acquire + release cycles/s on one name, against the raw floor: two store round
 //!   trips done with raw calls (the driver's own enqueue + release for the in-memory store; a
-//!   `SET NX PX` + `DEL` pair for Redis; two acknowledged publishes for JetStream).
+//!   `SET NX PX` + `DEL` pair for Redis; a put + delete for etcd; two acknowledged publishes for
+//!   JetStream).
 //! - **handoff**: waiters in line for one `EX` lock; latency from a holder's release to the next grant,
-//!   p50 and p99, against the store's raw round trip (`PING`; an acknowledged JetStream publish; in
-//!   memory, the same handoff on a tokio Mutex).
+//!   p50 and p99, against the store's raw round trip (`PING`; a linearizable etcd get; an
+//!   acknowledged JetStream publish; in memory, the same handoff on a tokio Mutex).
 //! - **many names**: 16 tasks cycling over 1000 names, acquires/s.
 //! - **round trips per handoff** (Redis): scripts run per acquire + release as the number of waiters
 //!   grows; flat means no thundering herd.
@@ -29,7 +31,10 @@ use dlock::{
     Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, LockMode, LockName, Locks,
     MemoryDriver, OwnerId, Queued,
 };
-use dlock_tests::harness::{NatsServer, NatsVersion, RedisServer, RespConnection};
+use dlock_etcd::etcd_client;
+use dlock_tests::harness::{
+    EtcdServer, EtcdVersion, NatsServer, NatsVersion, RedisServer, RespConnection,
+};
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(10);
@@ -38,6 +43,7 @@ const TTL: Duration = Duration::from_secs(10);
 enum Target {
     Memory,
     Redis,
+    Etcd,
     JetStream,
 }
 
@@ -61,13 +67,14 @@ fn parse() -> Result<Options> {
                 options.target = match value()?.as_str() {
                     "memory" => Target::Memory,
                     "redis" => Target::Redis,
+                    "etcd" => Target::Etcd,
                     "jetstream" => Target::JetStream,
-                    other => bail!("unknown driver {other:?}; use memory, redis or jetstream"),
+                    other => bail!("unknown driver {other:?}; use memory, redis, etcd or jetstream"),
                 }
             }
             "--rounds" => options.rounds = value()?.parse().context("--rounds")?,
             "--scale" => options.scale = value()?.parse().context("--scale")?,
-            other => bail!("unknown flag {other}; usage: dlock-bench [--driver memory|redis|jetstream] [--rounds N] [--scale F]"),
+            other => bail!("unknown flag {other}; usage: dlock-bench [--driver memory|redis|etcd|jetstream] [--rounds N] [--scale F]"),
         }
     }
     if options.rounds == 0 {
@@ -112,6 +119,7 @@ impl<D: Driver> Driver for Counting<D> {
 struct Store {
     memory: MemoryDriver,
     redis: Option<RedisServer>,
+    etcd: Option<(EtcdServer, etcd_client::Client)>,
     nats: Option<(NatsServer, async_nats::jetstream::Context)>,
 }
 
@@ -120,11 +128,17 @@ impl Store {
         let mut store = Store {
             memory: MemoryDriver::new(),
             redis: None,
+            etcd: None,
             nats: None,
         };
         match target {
             Target::Memory => {}
             Target::Redis => store.redis = Some(RedisServer::start().await?),
+            Target::Etcd => {
+                let server = EtcdServer::start(EtcdVersion::V3_5).await?;
+                let client = etcd_client::Client::connect([server.endpoint()], None).await?;
+                store.etcd = Some((server, client));
+            }
             Target::JetStream => {
                 let server = NatsServer::start(NatsVersion::V2_11Plus).await?;
                 let js = async_nats::jetstream::new(async_nats::connect(server.url()).await?);
@@ -142,9 +156,12 @@ impl Store {
     }
 
     async fn driver(&self) -> Result<Arc<dyn Driver>> {
-        Ok(match (&self.redis, &self.nats) {
-            (Some(server), _) => Arc::new(dlock_redis::RedisDriver::connect(&server.url()).await?),
-            (_, Some((server, _))) => {
+        Ok(match (&self.redis, &self.etcd, &self.nats) {
+            (Some(server), ..) => Arc::new(dlock_redis::RedisDriver::connect(&server.url()).await?),
+            (_, Some((server, _)), _) => Arc::new(
+                dlock_etcd::EtcdDriver::connect(&format!("etcd://{}", server.addr())).await?,
+            ),
+            (.., Some((server, _))) => {
                 Arc::new(dlock_jetstream::JetStreamDriver::connect(&server.url()).await?)
             }
             _ => Arc::new(self.memory.clone()),
@@ -214,8 +231,15 @@ async fn uncontended(store: &Store, cycles: usize) -> Result<(f64, f64)> {
     let dlock_rate = cycles as f64 / start.elapsed().as_secs_f64();
 
     let start = Instant::now();
-    match (&store.redis, &store.nats) {
-        (Some(server), _) => {
+    match (&store.redis, &store.etcd, &store.nats) {
+        (_, Some((_, client)), _) => {
+            let mut client = client.clone();
+            for _ in 0..cycles {
+                client.put("bench/raw", "x", None).await?;
+                client.delete("bench/raw", None).await?;
+            }
+        }
+        (Some(server), ..) => {
             let mut raw = RespConnection::connect(server.addr(), None).await?;
             for i in 0..cycles {
                 let value = i.to_string();
@@ -224,7 +248,7 @@ async fn uncontended(store: &Store, cycles: usize) -> Result<(f64, f64)> {
                 raw.command(&["DEL", "bench/raw"]).await?;
             }
         }
-        (_, Some((_, js))) => {
+        (.., Some((_, js))) => {
             for i in 0..cycles {
                 Store::publish(js, 2 * i).await?;
                 Store::publish(js, 2 * i + 1).await?;
@@ -296,8 +320,16 @@ async fn handoffs(
 /// memory, the same handoff measured on a `tokio::sync::Mutex`.
 async fn baseline_handoffs(store: &Store, n: usize) -> Result<Vec<Duration>> {
     let mut out = Vec::with_capacity(n);
-    match (&store.redis, &store.nats) {
-        (Some(server), _) => {
+    match (&store.redis, &store.etcd, &store.nats) {
+        (_, Some((_, client)), _) => {
+            let mut client = client.clone();
+            for _ in 0..n {
+                let start = Instant::now();
+                client.get("bench/raw", None).await?;
+                out.push(start.elapsed());
+            }
+        }
+        (Some(server), ..) => {
             let mut raw = RespConnection::connect(server.addr(), None).await?;
             for _ in 0..n {
                 let start = Instant::now();
@@ -305,7 +337,7 @@ async fn baseline_handoffs(store: &Store, n: usize) -> Result<Vec<Duration>> {
                 out.push(start.elapsed());
             }
         }
-        (_, Some((_, js))) => {
+        (.., Some((_, js))) => {
             for i in 0..n {
                 let start = Instant::now();
                 Store::publish(js, i).await?;
@@ -405,7 +437,7 @@ async fn main() -> Result<()> {
     let store = Store::start(options.target).await?;
     let (cycles, per_waiter, per_task) = match options.target {
         Target::Memory => (20_000, 2_000, 2_000),
-        Target::Redis | Target::JetStream => (2_000, 200, 200),
+        Target::Redis | Target::Etcd | Target::JetStream => (2_000, 200, 200),
     };
     let (cycles, per_waiter, per_task) = (
         scaled(cycles, options.scale),
@@ -459,6 +491,7 @@ async fn main() -> Result<()> {
     let baseline = match options.target {
         Target::Memory => "tokio Mutex handoff",
         Target::Redis => "raw PING round trip",
+        Target::Etcd => "raw linearizable get",
         Target::JetStream => "raw acknowledged publish",
     };
     println!(
