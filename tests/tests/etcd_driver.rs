@@ -5,11 +5,11 @@
 //! Waits for conditions are bounded loops or signals; the only timeouts are hang guards far above what
 //! any step needs, never assertions about how fast something happened.
 
-use std::future::{Future, IntoFuture};
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use dlock::lease::drift_margin;
 use dlock::{Capabilities, Error, LeaseState, LockMode, Locks};
 use dlock_etcd::etcd_client::{GetOptions, TxnOp};
@@ -21,6 +21,7 @@ use dlock_tests::harness::{
 };
 use dlock_tests::history::{self, Workload};
 use dlock_tests::suite::etcd::{url_of, ProxiesLink};
+use dlock_tests::suite::eventually;
 use dlock_tests::suite::{Factory, Link, StoreFaults};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -36,21 +37,6 @@ async fn within<T>(what: &str, fut: impl IntoFuture<Output = T>) -> Result<T> {
     tokio::time::timeout(GUARD, fut)
         .await
         .map_err(|_| anyhow!("{what}: nothing within {GUARD:?}"))
-}
-
-/// Polls `check` until it holds, at most 3000 times.
-async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    for _ in 0..3000 {
-        if check().await? {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    bail!("{what}: still not the case after 3000 checks")
 }
 
 async fn queue_len(locks: &Locks, name: &str) -> Result<usize> {

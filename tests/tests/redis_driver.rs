@@ -5,7 +5,7 @@
 //! Waits for conditions are bounded loops; the only timeouts are hang guards far above what any step
 //! needs, never assertions about how fast something happened.
 
-use std::future::{Future, IntoFuture};
+use std::future::IntoFuture;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -14,6 +14,7 @@ use dlock_core::grant::{self, QueueEntry};
 use dlock_core::{Driver, EntryKey, EntryRequest, Grant, LockName, OwnerId, Queued};
 use dlock_redis::RedisDriver;
 use dlock_tests::harness::{self, Backend, RedisCluster, RedisServer, RespValue};
+use dlock_tests::suite::eventually;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -28,21 +29,6 @@ async fn within<T>(what: &str, fut: impl IntoFuture<Output = T>) -> Result<T> {
     tokio::time::timeout(GUARD, fut)
         .await
         .map_err(|_| anyhow!("{what}: nothing within {GUARD:?}"))
-}
-
-/// Polls `check` until it holds, at most 3000 times.
-async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    for _ in 0..3000 {
-        if check().await? {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    bail!("{what}: still not the case after 3000 checks")
 }
 
 fn name(s: &str) -> LockName {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use dlock::{Capabilities, Locks};
 
-use super::{Factory, Link, StoreFaults};
+use super::{Factory, Link, ProxyLink, StoreFaults};
 use crate::harness::{self, Backend, NatsCluster, NatsServer, NatsVersion, TcpProxy};
 
 enum Topology {
@@ -114,15 +114,6 @@ impl StoreFaults for JetStreamFactory {
                 (0..cluster.len()).try_for_each(|i| cluster.resume_member(i))
             }
         }
-    }
-}
-
-/// A partition made by blackholing the client's TCP proxy.
-struct ProxyLink(TcpProxy);
-
-impl Link for ProxyLink {
-    fn set_cut(&self, cut: bool) {
-        self.0.set_blackhole(cut);
     }
 }
 

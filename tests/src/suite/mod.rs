@@ -118,6 +118,31 @@ pub async fn within<T>(
         .map_err(|_| anyhow::anyhow!("hung for {limit:?}: {what}"))
 }
 
+/// Polls `check` until it holds, at most 3000 times 10 ms apart; for store states that no signal
+/// announces. Fails naming `what` otherwise.
+pub async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    for _ in 0..3000 {
+        if check().await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::bail!("{what}: still not the case after 3000 checks")
+}
+
+/// A partition of one client made by blackholing the TCP proxy it reaches the store through.
+pub struct ProxyLink(pub crate::harness::TcpProxy);
+
+impl Link for ProxyLink {
+    fn set_cut(&self, cut: bool) {
+        self.0.set_blackhole(cut);
+    }
+}
+
 /// Stamps out every conformance case for one driver, each as its own `#[tokio::test]`.
 ///
 /// `setup` is an async fn returning `anyhow::Result<Option<impl Factory>>`, `None` when the store's

@@ -6,7 +6,7 @@ use dlock::{Capabilities, Locks};
 use dlock_redis::RedisDriver;
 
 use super::memory::CuttableDriver;
-use super::{Factory, Link, StoreFaults};
+use super::{Factory, Link, ProxyLink, StoreFaults};
 use crate::harness::{self, Backend, RedisCluster, RedisServer, TcpProxy};
 
 enum Topology {
@@ -86,15 +86,6 @@ impl StoreFaults for RedisFactory {
                 (0..cluster.len()).try_for_each(|i| cluster.resume_member(i))
             }
         }
-    }
-}
-
-/// A partition made by blackholing the client's TCP proxy.
-struct ProxyLink(TcpProxy);
-
-impl Link for ProxyLink {
-    fn set_cut(&self, cut: bool) {
-        self.0.set_blackhole(cut);
     }
 }
 
