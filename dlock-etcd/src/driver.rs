@@ -398,7 +398,7 @@ impl Inner {
         }
         let (watched, filter) = match blocker(&view, i) {
             Some((j, filter)) => (
-                Some(view.entries[j].key.clone()),
+                Some((view.entries[j].key.clone(), view.entries[j].create_revision)),
                 filter.then_some((me.value, i, j)),
             ),
             None => (None, None),
@@ -413,21 +413,28 @@ impl Inner {
     /// With a `filter` `(me, i, j)`, puts after which the watched entry (at index `j`) still blocks
     /// `me` (at index `i`) are skipped: a predecessor being granted changes nothing for its
     /// successor, and waking it would only cost a read.
+    ///
+    /// A watched entry (given with its create revision) is watched from the store's current revision
+    /// rather than from `revision + 1`. etcd delivers events to a watch that starts in the past only
+    /// from a catch-up loop that runs every 100 ms, so whenever anything in the store was written
+    /// between the read and the watch, a release would reach the waiter up to 100 ms late. The
+    /// revisions in between are covered by reading the entry once the watch is in place.
     async fn watch_for_change(
         &self,
         name: &LockName,
-        watched: Option<String>,
+        watched: Option<(String, i64)>,
         revision: i64,
         filter: Option<(Value, usize, usize)>,
     ) -> Result<(), CallError> {
-        let (key, options) = match watched {
-            Some(key) => (key, WatchOptions::new()),
+        let (key, options) = match &watched {
+            Some((key, _)) => (key.clone(), WatchOptions::new()),
             None => (
                 name_prefix(&self.prefix, name),
-                WatchOptions::new().with_prefix(),
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
             ),
         };
-        let options = options.with_start_revision(revision + 1);
         let mut stream = self
             .pool
             .call("watch", self.pool.timeout(), |client| {
@@ -435,6 +442,12 @@ impl Inner {
                 async move { client.watch_client().watch(key, Some(options)).await }
             })
             .await?;
+        // Whether a put of `value` leaves `me` blocked, so that waking would change nothing.
+        let still_blocks = |value: &[u8]| {
+            filter.is_some_and(|(me, i, j)| {
+                Value::decode(value).is_some_and(|other| blocks(&me, i, &other, j))
+            })
+        };
         loop {
             let Some(resp) = stream.message().await.map_err(CallError::Refused)? else {
                 return Ok(());
@@ -451,14 +464,32 @@ impl Inner {
                     resp.cancel_reason()
                 )));
             }
+            if let (true, Some((key, create_revision))) = (resp.created(), &watched) {
+                // The watch reports every change after the revision in this header; changes
+                // between the read and that revision are looked for with a read made after it.
+                // Without a header, assume there may be some.
+                let from = resp.header().map_or(i64::MAX, |h| h.revision());
+                if from > revision {
+                    let now = self
+                        .pool
+                        .call("read the watched entry", self.pool.timeout(), |client| {
+                            let key = key.clone();
+                            async move { client.kv_client().get(key, None).await }
+                        })
+                        .await?;
+                    let changed = match now.kvs().first() {
+                        None => true,
+                        Some(kv) if kv.create_revision() != *create_revision => true,
+                        Some(kv) => kv.mod_revision() > revision && !still_blocks(kv.value()),
+                    };
+                    if changed {
+                        return Ok(());
+                    }
+                }
+            }
             for event in resp.events() {
                 let still_blocked = event.event_type() == EventType::Put
-                    && filter.is_some_and(|(me, i, j)| {
-                        event
-                            .kv()
-                            .and_then(|kv| Value::decode(kv.value()))
-                            .is_some_and(|other| blocks(&me, i, &other, j))
-                    });
+                    && event.kv().is_some_and(|kv| still_blocks(kv.value()));
                 if !still_blocked {
                     return Ok(());
                 }

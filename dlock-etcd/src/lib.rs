@@ -83,11 +83,13 @@
 //!
 //! A waiting entry watches only its newest conflicting predecessor (or, when a later holder converted
 //! up, that holder); a pending conversion watches the newest conflicting holder. The watch starts at
-//! the revision after the read, so nothing in between is missed. A release therefore wakes only the
-//! waiters directly behind it: in a line of `EX` waiters, exactly one. Updates of the watched entry
-//! that leave it blocking (say, the predecessor itself being granted) are skipped without a read.
-//! Watches run with `require_leader`, so a member cut off from the quorum ends them, and the waiter
-//! reads again through another member.
+//! the store's current revision (etcd serves a watch that starts in the past from a catch-up loop
+//! that runs every 100 ms, which would delay the wake-up); when the store moved on since the read,
+//! the watched entry is read once more after the watch is in place, so nothing in between is
+//! missed. A release therefore wakes only the waiters directly behind it: in a line of `EX`
+//! waiters, exactly one. Updates of the watched entry that leave it blocking (say, the predecessor
+//! itself being granted) are skipped without a read. Watches run with `require_leader`, so a member
+//! cut off from the quorum ends them, and the waiter reads again through another member.
 //!
 //! # Leases
 //!
