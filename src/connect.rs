@@ -44,7 +44,9 @@ pub async fn connect(url: &str) -> Result<Locks> {
         #[cfg(not(feature = "etcd"))]
         "etcd" | "etcds" => missing_feature(scheme, "etcd"),
         #[cfg(feature = "jetstream")]
-        "nats" | "tls" => Ok(Locks::new(dlock_jetstream::JetStreamDriver::connect(url).await?)),
+        "nats" | "tls" => Ok(Locks::new(
+            dlock_jetstream::JetStreamDriver::connect(url).await?,
+        )),
         #[cfg(not(feature = "jetstream"))]
         "nats" | "tls" => missing_feature(scheme, "jetstream"),
         _ => Err(Error::InvalidUrl {
