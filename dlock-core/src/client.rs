@@ -365,7 +365,13 @@ async fn enqueue_and_wait(
             name: key.name.to_string(),
         });
     }
-    let lease = Lease::new(Arc::clone(&driver), key.clone(), options.ttl, sent);
+    let lease = Lease::new(
+        Arc::clone(&driver),
+        locks.inner.capabilities.driver,
+        key.clone(),
+        options.ttl,
+        sent,
+    );
     let keeper = lease.spawn_keeper(sent);
     // From here on the keeper task must not outlive a failed acquire.
     let keeper = AbortOnDrop(Some(keeper));

@@ -58,14 +58,15 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// A lease whose entry was created (or last renewed) by a request sent at `sent`.
+    /// A lease whose entry was created (or last renewed) by a request sent at `sent`. `driver_name`
+    /// labels metrics and logs (the client knows it; asking the driver would cost a call per acquire).
     pub(crate) fn new(
         driver: Arc<dyn Driver>,
+        driver_name: &'static str,
         key: EntryKey,
         ttl: Duration,
         sent: Instant,
     ) -> Arc<Self> {
-        let driver_name = driver.capabilities().driver;
         let (status, _) = watch::channel(LeaseStatus {
             state: LeaseState::Held,
             valid_until: sent + ttl - drift_margin(ttl),

@@ -20,9 +20,9 @@ use dlock_tests::harness::{
     self, Backend, EtcdCluster, EtcdMember, EtcdServer, EtcdVersion, TcpProxy,
 };
 use dlock_tests::history::{self, Workload};
-use dlock_tests::suite::etcd::{url_of, ProxiesLink};
+use dlock_tests::suite::etcd::url_of;
 use dlock_tests::suite::eventually;
-use dlock_tests::suite::{Factory, Link, StoreFaults};
+use dlock_tests::suite::{Factory, Link, ProxyLink, StoreFaults};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -134,7 +134,7 @@ impl Factory for KillFactory<'_> {
         if self.created.fetch_add(1, Ordering::SeqCst) + 1 == self.clients {
             self.started.notify_one();
         }
-        Ok((locks, Box::new(ProxiesLink(proxies))))
+        Ok((locks, Box::new(ProxyLink(proxies))))
     }
 
     fn url(&self) -> Option<String> {

@@ -10,6 +10,7 @@ use dlock::{Error, LockMode, LockName, Locks};
 use dlock_jetstream::{JetStreamDriver, LeaseMode};
 use dlock_tests::harness::{self, Backend, NatsOptions, NatsServer, NatsVersion};
 use dlock_tests::history::{self, Workload};
+use dlock_tests::suite::eventually;
 use dlock_tests::suite::{jetstream, within, Factory, Link, StoreFaults};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -78,9 +79,17 @@ async fn leader_failover(version: NatsVersion) -> Result<()> {
         },
     );
     let failover = async {
-        // Load shaping, not synchronisation: let the history's clients connect and get going (they
-        // reach the cluster through node 0, which may be the leader killed next).
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Kill only once the history's clients are connected and working (they reach the cluster
+        // through node 0, which may be the leader killed next): their entries show in the queues.
+        eventually("the history's clients queue entries", || async {
+            for name in ["h/0", "h/1"] {
+                if !a.inspect(name).await?.is_empty() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+        .await?;
         let killed = cluster.kill_stream_leader("DLOCK").await?;
         let new_leader = cluster.wait_stream_leader_change("DLOCK", killed).await?;
         ensure!(new_leader != killed);
@@ -322,14 +331,10 @@ async fn crashed_holder_frees_the_lock(
     let held: u64 = line.strip_prefix("HELD ").context("HELD")?.parse()?;
     let b = dlock::connect(&format!("{}{waiter_url_params}", server.url())).await?;
     let waiter = tokio::spawn(b.lock("crash").ttl(ttl).into_future());
-    let give_up = tokio::time::Instant::now() + HANG;
-    while b.inspect("crash").await?.len() < 2 {
-        ensure!(
-            tokio::time::Instant::now() < give_up,
-            "the waiter never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the waiter queues", || async {
+        Ok(b.inspect("crash").await?.len() >= 2)
+    })
+    .await?;
     holder.start_kill()?;
     holder.wait().await?;
     let guard = within(HANG, "the waiter is granted after the crash", waiter).await???;

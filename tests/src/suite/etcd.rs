@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use dlock::{Capabilities, Locks};
 
-use super::{Factory, Link, StoreFaults};
-use crate::harness::{self, Backend, EtcdCluster, EtcdServer, EtcdVersion, TcpProxy};
+use super::{Factory, Link, ProxyLink, StoreFaults};
+use crate::harness::{
+    self, Backend, EtcdCluster, EtcdServer, EtcdVersion, ServerProcess, TcpProxy,
+};
 
 enum Topology {
     Single(EtcdServer),
@@ -82,27 +84,14 @@ fn url_for_ports(ports: impl Iterator<Item = u16>) -> String {
     )
 }
 
-/// Pauses (SIGSTOP) every member.
 impl StoreFaults for EtcdFactory {
-    fn pause(&self) -> anyhow::Result<()> {
-        let cluster = self.topology.cluster();
-        (0..cluster.len()).try_for_each(|i| cluster.pause_member(i))
-    }
-
-    fn resume(&self) -> anyhow::Result<()> {
-        let cluster = self.topology.cluster();
-        (0..cluster.len()).try_for_each(|i| cluster.resume_member(i))
-    }
-}
-
-/// A partition of one client from every member: one blackholed proxy per member.
-pub struct ProxiesLink(pub Vec<TcpProxy>);
-
-impl Link for ProxiesLink {
-    fn set_cut(&self, cut: bool) {
-        for proxy in &self.0 {
-            proxy.set_blackhole(cut);
-        }
+    fn processes(&self) -> Vec<&ServerProcess> {
+        self.topology
+            .cluster()
+            .members()
+            .iter()
+            .map(|m| m.process())
+            .collect()
     }
 }
 
@@ -119,7 +108,7 @@ impl Factory for EtcdFactory {
             proxies.push(TcpProxy::start(member.client_addr()).await?);
         }
         let locks = dlock::connect(&url_for_ports(proxies.iter().map(TcpProxy::port))).await?;
-        Ok((locks, Box::new(ProxiesLink(proxies))))
+        Ok((locks, Box::new(ProxyLink(proxies))))
     }
 
     fn url(&self) -> Option<String> {

@@ -6,7 +6,9 @@ use std::time::Duration;
 use dlock::{Capabilities, Locks};
 
 use super::{Factory, Link, ProxyLink, StoreFaults};
-use crate::harness::{self, Backend, NatsCluster, NatsServer, NatsVersion, TcpProxy};
+use crate::harness::{
+    self, Backend, NatsCluster, NatsServer, NatsVersion, ServerProcess, TcpProxy,
+};
 
 enum Topology {
     Single(NatsServer),
@@ -96,23 +98,11 @@ fn url_of(topology: &Topology) -> String {
     }
 }
 
-/// Pauses every NATS process of the topology.
 impl StoreFaults for JetStreamFactory {
-    fn pause(&self) -> anyhow::Result<()> {
+    fn processes(&self) -> Vec<&ServerProcess> {
         match &self.topology {
-            Topology::Single(server) => server.pause(),
-            Topology::Cluster(cluster) => {
-                (0..cluster.len()).try_for_each(|i| cluster.pause_member(i))
-            }
-        }
-    }
-
-    fn resume(&self) -> anyhow::Result<()> {
-        match &self.topology {
-            Topology::Single(server) => server.resume(),
-            Topology::Cluster(cluster) => {
-                (0..cluster.len()).try_for_each(|i| cluster.resume_member(i))
-            }
+            Topology::Single(server) => vec![server.process()],
+            Topology::Cluster(cluster) => cluster.nodes().iter().map(|n| n.process()).collect(),
         }
     }
 }
@@ -136,7 +126,7 @@ impl Factory for JetStreamFactory {
         };
         let url = format!("nats://{}?discover=false{replicas}", proxy.addr());
         let locks = dlock::connect(&url).await?;
-        Ok((locks, Box::new(ProxyLink(proxy))))
+        Ok((locks, Box::new(ProxyLink(vec![proxy]))))
     }
 
     fn url(&self) -> Option<String> {

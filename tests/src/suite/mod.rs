@@ -23,12 +23,21 @@ pub trait Link: Send + Sync {
     fn set_cut(&self, cut: bool);
 }
 
-/// Faults done to the store itself, for drivers whose store is a server.
+/// Faults done to the store itself, for drivers whose store is a server: a store names its server
+/// processes, and every fault acts on all of them.
 pub trait StoreFaults: Sync {
+    /// Every server process of the store.
+    fn processes(&self) -> Vec<&crate::harness::ServerProcess>;
+
     /// Freezes the store (SIGSTOP on every server process): it neither answers nor expires anything.
-    fn pause(&self) -> anyhow::Result<()>;
+    fn pause(&self) -> anyhow::Result<()> {
+        self.processes().into_iter().try_for_each(|p| p.pause())
+    }
+
     /// Thaws a paused store.
-    fn resume(&self) -> anyhow::Result<()>;
+    fn resume(&self) -> anyhow::Result<()> {
+        self.processes().into_iter().try_for_each(|p| p.resume())
+    }
 }
 
 /// Everything a case needs from the store under test.
@@ -134,12 +143,15 @@ where
     anyhow::bail!("{what}: still not the case after 3000 checks")
 }
 
-/// A partition of one client made by blackholing the TCP proxy it reaches the store through.
-pub struct ProxyLink(pub crate::harness::TcpProxy);
+/// A partition of one client made by blackholing the TCP proxies (one per server) it reaches the
+/// store through.
+pub struct ProxyLink(pub Vec<crate::harness::TcpProxy>);
 
 impl Link for ProxyLink {
     fn set_cut(&self, cut: bool) {
-        self.0.set_blackhole(cut);
+        for proxy in &self.0 {
+            proxy.set_blackhole(cut);
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use dlock_redis::RedisDriver;
 
 use super::memory::CuttableDriver;
 use super::{Factory, Link, ProxyLink, StoreFaults};
-use crate::harness::{self, Backend, RedisCluster, RedisServer, TcpProxy};
+use crate::harness::{self, Backend, RedisCluster, RedisServer, ServerProcess, TcpProxy};
 
 enum Topology {
     Single(RedisServer),
@@ -68,23 +68,11 @@ fn url_of(topology: &Topology) -> String {
     }
 }
 
-/// Pauses every Redis process of the topology.
 impl StoreFaults for RedisFactory {
-    fn pause(&self) -> anyhow::Result<()> {
+    fn processes(&self) -> Vec<&ServerProcess> {
         match &self.topology {
-            Topology::Single(server) => server.pause(),
-            Topology::Cluster(cluster) => {
-                (0..cluster.len()).try_for_each(|i| cluster.pause_member(i))
-            }
-        }
-    }
-
-    fn resume(&self) -> anyhow::Result<()> {
-        match &self.topology {
-            Topology::Single(server) => server.resume(),
-            Topology::Cluster(cluster) => {
-                (0..cluster.len()).try_for_each(|i| cluster.resume_member(i))
-            }
+            Topology::Single(server) => vec![server.process()],
+            Topology::Cluster(cluster) => cluster.nodes().iter().map(|n| n.process()).collect(),
         }
     }
 }
@@ -99,7 +87,7 @@ impl Factory for RedisFactory {
             Topology::Single(server) => {
                 let proxy = TcpProxy::start(server.addr()).await?;
                 let locks = dlock::connect(&server.url_for(proxy.port())).await?;
-                Ok((locks, Box::new(ProxyLink(proxy))))
+                Ok((locks, Box::new(ProxyLink(vec![proxy]))))
             }
             // Cluster clients learn node addresses from the cluster itself and would bypass a proxy,
             // so the cluster's clients are cut in-process, in front of the driver.
