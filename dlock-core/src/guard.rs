@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -114,9 +115,11 @@ impl Guard {
     /// wait.
     ///
     /// If the call is dropped, or fails without a definite answer from the store, the guard cannot
-    /// know which mode the store settled on, so it falls back to the weaker of the mode held and the
-    /// mode asked for ([`Guard::mode`] says which), and brings the store to that mode in the background
-    /// before the guard's next conversion. The guard never claims more than the store grants.
+    /// know which mode the store settled on, so it falls back to the [meet](LockMode::meet) of the
+    /// mode held and the mode asked for — the strongest mode weaker than both, e.g. `CR` for `PR` and
+    /// `CW` ([`Guard::mode`] says which) — and brings the store to that mode in the background,
+    /// retrying until the store confirms or the lease ends, before the guard's next conversion. The
+    /// guard never claims more than the store grants.
     pub async fn convert(&mut self, mode: LockMode) -> Result<()> {
         let caps = self.lease.driver.capabilities();
         if !caps.conversion || !caps.modes.contains(&mode) {
@@ -132,11 +135,9 @@ impl Guard {
         }
         let key = self.lease.key.clone();
         let driver = Arc::clone(&self.lease.driver);
-        let fallback = if mode.is_weaker_or_equal(self.mode) {
-            mode
-        } else {
-            self.mode
-        };
+        // Not the older of the two modes: for incomparable ones (PR and CW) the store may settle on
+        // either, and only their meet is compatible with whatever a neighbour holds in both cases.
+        let fallback = self.mode.meet(mode);
         let pending = PendingConversion {
             lease: &self.lease,
             mode: &mut self.mode,
@@ -255,17 +256,46 @@ impl Drop for PendingConversion<'_> {
             return;
         }
         *self.mode = self.fallback;
-        let (driver, key, fallback) = (
-            Arc::clone(&self.lease.driver),
-            self.lease.key.clone(),
-            self.fallback,
-        );
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            *self.reconcile = Some(handle.spawn(async move {
-                if let Err(err) = driver.convert(&key, fallback).await {
-                    tracing::warn!(name = %key.name, error = %err, "dlock: could not settle a cancelled conversion");
-                }
-            }));
+            *self.reconcile = Some(handle.spawn(settle(Arc::clone(self.lease), self.fallback)));
         }
+    }
+}
+
+/// Brings the store to `mode` after a conversion that ended without a definite answer, retrying on
+/// store errors until the store confirms it or the lease ends: a pending conversion left in the store
+/// would block conflicting waiters (on drivers that grant conversions client-side, for good).
+async fn settle(lease: Arc<Lease>, mode: LockMode) {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let attempt = async {
+            match lease.driver.convert(&lease.key, mode).await? {
+                Queued::Granted(grant) => Ok(grant),
+                Queued::Waiting => lease.driver.wait(&lease.key).await,
+            }
+        };
+        let outcome = tokio::select! {
+            biased;
+            _ = lease.lost() => return,
+            outcome = tokio::time::timeout(lease.ttl, attempt) => outcome,
+        };
+        match outcome {
+            Ok(Ok(grant)) if grant.mode == mode => return,
+            Ok(Err(err)) if err.is_lost() => return,
+            Ok(Ok(grant)) => tracing::warn!(
+                name = %lease.key.name, held = %grant.mode, wanted = %mode,
+                "dlock: settling a cancelled conversion found another mode; retrying"
+            ),
+            Ok(Err(err)) => tracing::warn!(
+                name = %lease.key.name, error = %err,
+                "dlock: could not settle a cancelled conversion yet; retrying"
+            ),
+            Err(_) => tracing::warn!(
+                name = %lease.key.name,
+                "dlock: the store did not answer the settling of a cancelled conversion; retrying"
+            ),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }

@@ -91,6 +91,34 @@ impl LockMode {
             .all(|&m| !than.compatible_with(m) || self.compatible_with(m))
     }
 
+    /// The meet of two modes in the strength lattice: the strongest mode that is weaker than or equal
+    /// to both (NL < CR < CW < PW < EX and CR < PR < PW; `CW` and `PR` are incomparable).
+    ///
+    /// When a client cannot know which of two modes the store settled on — a conversion whose reply
+    /// was lost — it may rely on the meet only: every mode compatible with either is compatible with
+    /// the meet, so claiming it never claims more than the store grants.
+    ///
+    /// ```
+    /// use dlock_core::LockMode::*;
+    /// assert_eq!(PR.meet(CW), CR);
+    /// assert_eq!(PW.meet(CW), CW);
+    /// assert_eq!(EX.meet(PR), PR);
+    /// ```
+    pub fn meet(self, other: LockMode) -> LockMode {
+        let lower_bounds = LockMode::ALL
+            .map(|m| (m.is_weaker_or_equal(self) && m.is_weaker_or_equal(other)).then_some(m));
+        lower_bounds
+            .into_iter()
+            .flatten()
+            .find(|&m| {
+                lower_bounds
+                    .into_iter()
+                    .flatten()
+                    .all(|l| l.is_weaker_or_equal(m))
+            })
+            .expect("the modes form a lattice: any two have a greatest lower bound")
+    }
+
     /// The short name: `NL`, `CR`, `CW`, `PR`, `PW` or `EX`.
     pub const fn short_name(self) -> &'static str {
         match self {
@@ -223,6 +251,50 @@ mod tests {
             assert!(m.is_weaker_or_equal(m));
             assert!(m.is_weaker_or_equal(EX));
             assert!(NL.is_weaker_or_equal(m));
+        }
+    }
+
+    #[test]
+    fn meet_is_the_greatest_lower_bound_of_every_pair() {
+        for a in LockMode::ALL {
+            for b in LockMode::ALL {
+                let m = a.meet(b);
+                assert!(
+                    m.is_weaker_or_equal(a) && m.is_weaker_or_equal(b),
+                    "{a}∧{b} = {m}"
+                );
+                assert_eq!(m, b.meet(a), "{a}∧{b} is commutative");
+                for l in LockMode::ALL {
+                    if l.is_weaker_or_equal(a) && l.is_weaker_or_equal(b) {
+                        assert!(
+                            l.is_weaker_or_equal(m),
+                            "{l} is below {a} and {b} but not {m}"
+                        );
+                    }
+                }
+                // What matters for safety: whoever is compatible with the store's mode, either one,
+                // is compatible with the mode the client relies on.
+                for other in LockMode::ALL {
+                    if other.compatible_with(a) || other.compatible_with(b) {
+                        assert!(other.compatible_with(m), "{other} vs {a}∧{b} = {m}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn meet_of_incomparable_and_comparable_pairs() {
+        assert_eq!(PR.meet(CW), CR);
+        assert_eq!(CW.meet(PR), CR);
+        assert_eq!(PW.meet(CW), CW);
+        assert_eq!(PW.meet(PR), PR);
+        assert_eq!(EX.meet(CW), CW);
+        assert_eq!(CR.meet(EX), CR);
+        for m in LockMode::ALL {
+            assert_eq!(m.meet(m), m);
+            assert_eq!(m.meet(EX), m);
+            assert_eq!(m.meet(NL), NL);
         }
     }
 
