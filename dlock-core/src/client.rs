@@ -335,7 +335,14 @@ async fn enqueue_and_wait(
         let driver = Arc::clone(&driver);
         async move { driver.enqueue(&request).await }
     }));
-    let queued = match tokio::time::timeout_at(enqueue_deadline, enqueue).await {
+    let answered = tokio::time::timeout_at(enqueue_deadline, enqueue).await;
+    if answered.is_ok() {
+        // The enqueue has finished, so the cleanup need not (and must not: a finished JoinHandle
+        // panics when polled again) wait for it; the store may still hold its entry, if only the
+        // reply was lost, so the cleanup stays armed.
+        dequeue.enqueue = None;
+    }
+    let queued = match answered {
         Ok(Ok(queued)) => queued,
         Ok(Err(join)) => Err(Error::backend_msg(
             locks.inner.capabilities.driver,
@@ -358,7 +365,6 @@ async fn enqueue_and_wait(
         dequeue.armed = false;
     }
     let queued = queued?;
-    dequeue.enqueue = None;
     if !wait && queued == Queued::Waiting {
         // A driver must not queue a try_acquire; clean up rather than wait without end.
         return Err(Error::WouldBlock {
@@ -423,7 +429,8 @@ impl Drop for AbortOnDrop {
 }
 
 /// A request for several locks, built by [`Locks::lock_all`]. Awaiting it yields the guards in
-/// canonical order; if any lock cannot be taken, the ones already taken are released.
+/// canonical order, every one of them valid; if any lock cannot be taken, or one taken early was lost
+/// while waiting for a later one, the ones already taken are released.
 #[must_use = "a lock request does nothing until awaited"]
 pub struct LockAllRequest {
     locks: Locks,
@@ -473,6 +480,13 @@ impl IntoFuture for LockAllRequest {
                 }
                 // On error the guards taken so far drop and release in the background.
                 guards.push(acquire(self.locks.clone(), name.to_string(), options, true).await?);
+            }
+            // A long wait for a later name can outlast an earlier lease whose renewals failed: a
+            // dead guard handed back would be relied on, so the whole request fails instead.
+            if let Some(dead) = guards.iter().find(|g| !g.is_valid()) {
+                return Err(Error::Lost {
+                    name: dead.name().to_string(),
+                });
             }
             Ok(guards)
         })
