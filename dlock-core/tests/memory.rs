@@ -2,7 +2,7 @@
 //! only moves when every task waits, so "before", "after" and "at once" are exact, not timings.
 
 use std::future::IntoFuture;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,28 @@ struct Partitionable {
     failing_renewals: Arc<AtomicBool>,
     /// While set, conversions reach the store but their answers are held back.
     held_answers: Arc<tokio::sync::watch::Sender<bool>>,
+    /// How many of the next enqueues, and of the next conversions, the store applies while the
+    /// reply is lost (the caller gets a store error).
+    lost_enqueue_replies: Arc<AtomicUsize>,
+    lost_convert_replies: Arc<AtomicUsize>,
+    /// How many of the conversions after those fail before they reach the store.
+    refused_converts: Arc<AtomicUsize>,
+    /// Renewals of this name fail at once with a store error.
+    failing_renewals_of: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Takes one from `counter` if it is above zero.
+fn take_one(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+fn lost_reply() -> Error {
+    Error::backend_msg(
+        "memory",
+        "injected: the store applied the request, the reply was lost",
+    )
 }
 
 impl Partitionable {
@@ -34,6 +56,10 @@ impl Partitionable {
             cut: Arc::new(AtomicBool::new(false)),
             failing_renewals: Arc::new(AtomicBool::new(false)),
             held_answers: Arc::new(tokio::sync::watch::channel(false).0),
+            lost_enqueue_replies: Arc::default(),
+            lost_convert_replies: Arc::default(),
+            refused_converts: Arc::default(),
+            failing_renewals_of: Arc::default(),
         }
     }
 
@@ -51,7 +77,11 @@ impl Driver for Partitionable {
     }
     async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
         self.gate().await;
-        self.store.enqueue(request).await
+        let answer = self.store.enqueue(request).await;
+        if take_one(&self.lost_enqueue_replies) {
+            return Err(lost_reply());
+        }
+        answer
     }
     async fn wait(&self, key: &EntryKey) -> Result<Grant> {
         self.gate().await;
@@ -59,7 +89,9 @@ impl Driver for Partitionable {
     }
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
         self.gate().await;
-        if self.failing_renewals.load(Ordering::SeqCst) {
+        let failing_name =
+            self.failing_renewals_of.lock().unwrap().as_deref() == Some(key.name.as_str());
+        if failing_name || self.failing_renewals.load(Ordering::SeqCst) {
             return Err(Error::backend_msg("memory", "injected renewal failure"));
         }
         self.store.renew(key, ttl).await
@@ -70,8 +102,18 @@ impl Driver for Partitionable {
     }
     async fn convert(&self, key: &EntryKey, mode: LockMode) -> Result<Queued> {
         self.gate().await;
+        let lost = take_one(&self.lost_convert_replies);
+        if !lost && take_one(&self.refused_converts) {
+            return Err(Error::backend_msg(
+                "memory",
+                "injected: the store is unavailable",
+            ));
+        }
         let answer = self.store.convert(key, mode).await;
         let _ = self.held_answers.subscribe().wait_for(|held| !held).await;
+        if lost {
+            return Err(lost_reply());
+        }
         answer
     }
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
@@ -584,4 +626,131 @@ async fn converting_a_lost_lock_fails_even_while_the_store_still_has_it() {
     );
     let err = guard.convert(LockMode::EX).await.unwrap_err();
     assert!(err.is_lost(), "{err}");
+}
+
+/// Polls the store (advancing the paused clock by 1 ms a step) until `pred` holds for `name`'s queue,
+/// failing if it does not within `limit`.
+async fn queue_within(
+    store: &MemoryDriver,
+    name_: &str,
+    limit: Duration,
+    pred: impl Fn(&[EntryInfo]) -> bool,
+) {
+    timeout(limit, async {
+        while !pred(&store.inspect(&name(name_)).await.unwrap()) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!("the queue of {name_:?} did not reach the expected state within {limit:?}")
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn enqueue_whose_reply_is_lost_is_removed_at_once() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    link.lost_enqueue_replies.store(1, Ordering::SeqCst);
+    let err = Locks::new(link.clone())
+        .lock("x")
+        .ttl(TTL)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("reply was lost"), "{err}");
+    // The store granted the entry; the cleanup must remove it long before its lease would.
+    queue_within(&store, "x", TTL / 10, |q| q.is_empty()).await;
+    Locks::new(store.clone())
+        .lock("x")
+        .try_acquire()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn incomparable_conversion_with_a_lost_reply_falls_back_to_the_meet() {
+    for (held, asked) in [(LockMode::PR, LockMode::CW), (LockMode::CW, LockMode::PR)] {
+        let store = MemoryDriver::new();
+        let link = Partitionable::new(&store);
+        let mut guard = Locks::new(link.clone())
+            .lock("x")
+            .mode(held)
+            .ttl(TTL)
+            .await
+            .unwrap();
+        link.lost_convert_replies.store(1, Ordering::SeqCst);
+        guard.convert(asked).await.unwrap_err();
+        assert_eq!(
+            guard.mode(),
+            LockMode::CR,
+            "{held}→{asked} with a lost reply"
+        );
+        queue_within(&store, "x", TTL / 10, |q| {
+            q.len() == 1 && q[0].mode == LockMode::CR && q[0].converting_to.is_none()
+        })
+        .await;
+        // A newcomer in the held mode is compatible with what the guard now claims, whichever of
+        // the two modes the store had settled on.
+        let rival = Locks::new(store.clone())
+            .lock("x")
+            .mode(held)
+            .try_acquire()
+            .await
+            .unwrap();
+        assert!(rival.mode().compatible_with(guard.mode()));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_conversion_is_settled_even_when_the_first_attempts_fail() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let mut guard = Locks::new(link.clone())
+        .lock("x")
+        .mode(LockMode::PR)
+        .ttl(TTL)
+        .await
+        .unwrap();
+    let _other = Locks::new(store.clone())
+        .lock("x")
+        .mode(LockMode::PR)
+        .await
+        .unwrap();
+    // The up-conversion is queued in the store and its reply lost; the next two attempts to withdraw
+    // it fail before they reach the store.
+    link.lost_convert_replies.store(1, Ordering::SeqCst);
+    link.refused_converts.store(2, Ordering::SeqCst);
+    guard.convert(LockMode::EX).await.unwrap_err();
+    assert_eq!(guard.mode(), LockMode::PR);
+    queue_within(&store, "x", TTL / 3, |q| {
+        q.iter().all(|e| e.converting_to.is_none())
+    })
+    .await;
+    assert_eq!(link.refused_converts.load(Ordering::SeqCst), 0);
+    Locks::new(store.clone())
+        .lock("x")
+        .mode(LockMode::CR)
+        .try_acquire()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn lock_all_fails_rather_than_return_a_guard_lost_while_it_waited() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let blocker = Locks::new(store.clone()).lock("b").await.unwrap();
+    let locks = Locks::new(link.clone());
+    let all = tokio::spawn(locks.lock_all(["a", "b"]).ttl(TTL).into_future());
+    queue_within(&store, "b", TTL / 10, |q| q.len() == 2).await;
+    // "a" is held by the request now; its renewals start failing, so it is lost before "b" is free.
+    *link.failing_renewals_of.lock().unwrap() = Some("a".into());
+    tokio::time::sleep(TTL * 2).await;
+    blocker.release().await.unwrap();
+    let err = all.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, Error::Lost { name } if name == "a"),
+        "expected Lost for a, got {err}"
+    );
+    queue_within(&store, "b", TTL / 10, |q| q.is_empty()).await;
 }
