@@ -155,7 +155,11 @@ impl Lease {
                 self.declare_lost("no renewal was confirmed before the validity deadline");
                 return;
             }
-            match tokio::time::timeout_at(valid_until, self.driver.renew(&self.key, self.ttl)).await
+            // One attempt may take until the next renewal would be due: a reply that never comes
+            // (lost on the way) then costs a retry, not the lock.
+            let attempt_deadline = valid_until.min(sent + interval);
+            match tokio::time::timeout_at(attempt_deadline, self.driver.renew(&self.key, self.ttl))
+                .await
             {
                 Ok(Ok(store_sent)) => {
                     metrics::counter!(m::RENEWALS_TOTAL, "driver" => self.driver_name, "outcome" => "ok")
@@ -175,11 +179,18 @@ impl Lease {
                     self.set_state(LeaseState::Suspect);
                     next_renewal = Instant::now() + retry;
                 }
-                Err(_) => {
+                Err(_) if attempt_deadline >= valid_until => {
                     self.declare_lost(
                         "the store did not confirm a renewal before the validity deadline",
                     );
                     return;
+                }
+                Err(_) => {
+                    metrics::counter!(m::RENEWALS_TOTAL, "driver" => self.driver_name, "outcome" => "timeout")
+                        .increment(1);
+                    tracing::warn!(name = %self.key.name, "dlock: a lease renewal went unanswered; retrying");
+                    self.set_state(LeaseState::Suspect);
+                    next_renewal = Instant::now();
                 }
             }
         }
@@ -211,10 +222,15 @@ pub(crate) async fn release_with_retries(
     ttl: Duration,
 ) -> crate::Result<()> {
     let give_up = Instant::now() + ttl;
+    // A release whose reply is lost is retried (a repeated release is harmless) instead of holding
+    // the caller for the whole TTL.
+    let per_attempt = (ttl / 4).max(Duration::from_millis(50));
     let mut backoff = Duration::from_millis(20);
     loop {
-        let attempt = match tokio::time::timeout_at(give_up, driver.release(key)).await {
+        let attempt_deadline = give_up.min(Instant::now() + per_attempt);
+        let attempt = match tokio::time::timeout_at(attempt_deadline, driver.release(key)).await {
             Ok(attempt) => attempt,
+            Err(_) if attempt_deadline < give_up => continue,
             Err(_) => Err(crate::Error::backend_msg(
                 driver.capabilities().driver,
                 format!(

@@ -8,7 +8,8 @@ pub const ACQUIRE_TOTAL: &str = "dlock_acquire_total";
 pub const ACQUIRE_WAIT_SECONDS: &str = "dlock_acquire_wait_seconds";
 /// Histogram of seconds a lock was held, from grant to release or loss.
 pub const HOLD_SECONDS: &str = "dlock_hold_seconds";
-/// Counter of lease renewals, labelled `outcome`: `ok` or `error`.
+/// Counter of lease renewals, labelled `outcome`: `ok`, `error`, or `timeout` (unanswered in time and
+/// retried).
 pub const RENEWALS_TOTAL: &str = "dlock_renewals_total";
 /// Counter of locks lost because their lease could not be renewed in time.
 pub const LOST_TOTAL: &str = "dlock_lost_total";

@@ -31,6 +31,10 @@ struct Partitionable {
     lost_convert_replies: Arc<AtomicUsize>,
     /// How many of the conversions after those fail before they reach the store.
     refused_converts: Arc<AtomicUsize>,
+    /// How many of the next renewals, and of the next releases, the store applies while the reply
+    /// never comes.
+    dropped_renew_replies: Arc<AtomicUsize>,
+    dropped_release_replies: Arc<AtomicUsize>,
     /// Renewals of this name fail at once with a store error.
     failing_renewals_of: Arc<std::sync::Mutex<Option<String>>>,
 }
@@ -59,6 +63,8 @@ impl Partitionable {
             lost_enqueue_replies: Arc::default(),
             lost_convert_replies: Arc::default(),
             refused_converts: Arc::default(),
+            dropped_renew_replies: Arc::default(),
+            dropped_release_replies: Arc::default(),
             failing_renewals_of: Arc::default(),
         }
     }
@@ -94,11 +100,19 @@ impl Driver for Partitionable {
         if failing_name || self.failing_renewals.load(Ordering::SeqCst) {
             return Err(Error::backend_msg("memory", "injected renewal failure"));
         }
-        self.store.renew(key, ttl).await
+        let answer = self.store.renew(key, ttl).await;
+        if take_one(&self.dropped_renew_replies) {
+            std::future::pending::<()>().await;
+        }
+        answer
     }
     async fn release(&self, key: &EntryKey) -> Result<()> {
         self.gate().await;
-        self.store.release(key).await
+        let answer = self.store.release(key).await;
+        if take_one(&self.dropped_release_replies) {
+            std::future::pending::<()>().await;
+        }
+        answer
     }
     async fn convert(&self, key: &EntryKey, mode: LockMode) -> Result<Queued> {
         self.gate().await;
@@ -753,4 +767,25 @@ async fn lock_all_fails_rather_than_return_a_guard_lost_while_it_waited() {
         "expected Lost for a, got {err}"
     );
     queue_within(&store, "b", TTL / 10, |q| q.is_empty()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn unanswered_renewals_and_releases_are_retried() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let guard = Locks::new(link.clone()).lock("x").ttl(TTL).await.unwrap();
+    link.dropped_renew_replies.store(1, Ordering::SeqCst);
+    tokio::time::sleep(TTL * 3).await;
+    assert_eq!(link.dropped_renew_replies.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        guard.status().state,
+        LeaseState::Held,
+        "an unanswered renewal cost the lock"
+    );
+    assert!(guard.is_valid());
+    link.dropped_release_replies.store(1, Ordering::SeqCst);
+    let asked = Instant::now();
+    guard.release().await.unwrap();
+    assert!(asked.elapsed() < TTL, "the caller waited out the whole TTL");
+    assert!(store.inspect(&name("x")).await.unwrap().is_empty());
 }
