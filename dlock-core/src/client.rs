@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::driver::{Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, OwnerId, Queued};
 use crate::guard::Guard;
-use crate::lease::{drift_margin, release_in_background, Lease};
+use crate::lease::{drift_margin, release_in_background, Lease, Stamp};
 use crate::metrics as m;
 use crate::{Error, LockMode, LockName, Result};
 
@@ -325,7 +325,8 @@ async fn enqueue_and_wait(
         enqueue: None,
         armed: true,
     };
-    let sent = Instant::now();
+    let sent_stamp = Stamp::now();
+    let sent = sent_stamp.at;
     let deadline = options.timeout.map(|t| started + t);
     // A grant that arrives after the lease's first validity window is worthless, so an unanswered
     // enqueue is abandoned then (or at the caller's deadline, if earlier).
@@ -376,9 +377,9 @@ async fn enqueue_and_wait(
         locks.inner.capabilities.driver,
         key.clone(),
         options.ttl,
-        sent,
+        sent_stamp,
     );
-    let keeper = lease.spawn_keeper(sent);
+    let keeper = lease.spawn_keeper(sent_stamp);
     // From here on the keeper task must not outlive a failed acquire.
     let keeper = AbortOnDrop(Some(keeper));
     let grant = match queued {

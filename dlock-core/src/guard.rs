@@ -92,9 +92,7 @@ impl Guard {
 
     /// Whether the lock may still be relied on: not lost, and the validity deadline is ahead.
     pub fn is_valid(&self) -> bool {
-        let status = self.status();
-        matches!(status.state, LeaseState::Held | LeaseState::Suspect)
-            && Instant::now() < status.valid_until
+        self.lease.is_valid()
     }
 
     /// A channel that follows the lease's state and validity deadline.

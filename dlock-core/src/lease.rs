@@ -1,6 +1,7 @@
 //! The lease keeper: renews an entry at about TTL/3, keeps the local validity deadline and turns the
 //! lease Lost before the store can hand the lock to anyone else.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,8 +35,64 @@ pub struct LeaseStatus {
     /// Until when the holder may rely on the lock: the send time of the last confirmed renewal (or of the
     /// request that queued the entry) plus the TTL, less [`drift_margin`]. The store keeps the entry at
     /// least that long, because it counts the TTL from when it received the request.
+    ///
+    /// This instant is on tokio's monotonic clock, which stops while the host is suspended. On Linux the
+    /// same window is also kept on `CLOCK_BOOTTIME`, which does not stop, and
+    /// [`Guard::is_valid`](crate::Guard::is_valid) checks both: right after a resume it is `false` if
+    /// the window ended during the suspension, and `lost()` follows at the keeper's next wake-up (at
+    /// most a third of the TTL later). On other systems only the monotonic clock is used.
     pub valid_until: Instant,
 }
+
+/// One moment on both clocks: tokio's monotonic clock, and the clock that keeps counting while the
+/// host is suspended (where the system has one).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stamp {
+    pub(crate) at: Instant,
+    boot: Option<Duration>,
+}
+
+impl Stamp {
+    pub(crate) fn now() -> Self {
+        Stamp {
+            at: Instant::now(),
+            boot: boot_clock(),
+        }
+    }
+
+    /// The boot-clock reading at `earlier`, an instant at or before this stamp.
+    fn boot_at(&self, earlier: Instant) -> Option<Duration> {
+        let before = self.at.saturating_duration_since(earlier);
+        self.boot.map(|boot| boot.saturating_sub(before))
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn boot_clock() -> Option<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the valid pointer it is given.
+    let read = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) } == 0;
+    read.then(|| Duration::new(now.tv_sec as u64, now.tv_nsec as u32) + simulated_suspension())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn boot_clock() -> Option<Duration> {
+    None
+}
+
+#[cfg(all(target_os = "linux", not(test)))]
+fn simulated_suspension() -> Duration {
+    Duration::ZERO
+}
+
+#[cfg(all(target_os = "linux", test))]
+use tests::simulated_suspension;
+
+/// No boot-clock deadline known.
+const NO_BOOT_DEADLINE: u64 = u64::MAX;
 
 /// The safety margin taken off every validity window for clock-rate drift between this process and the
 /// store: 1% of the TTL plus 2 ms.
@@ -55,6 +112,8 @@ pub(crate) struct Lease {
     pub(crate) ttl: Duration,
     pub(crate) driver_name: &'static str,
     status: watch::Sender<LeaseStatus>,
+    /// The validity deadline on the boot clock, in nanoseconds ([`NO_BOOT_DEADLINE`] if unknown).
+    boot_valid_until: AtomicU64,
 }
 
 impl Lease {
@@ -65,19 +124,43 @@ impl Lease {
         driver_name: &'static str,
         key: EntryKey,
         ttl: Duration,
-        sent: Instant,
+        sent: Stamp,
     ) -> Arc<Self> {
         let (status, _) = watch::channel(LeaseStatus {
             state: LeaseState::Held,
-            valid_until: sent + ttl - drift_margin(ttl),
+            valid_until: sent.at + ttl - drift_margin(ttl),
         });
-        Arc::new(Lease {
+        let lease = Lease {
             driver,
             key,
             ttl,
             driver_name,
             status,
-        })
+            boot_valid_until: AtomicU64::new(NO_BOOT_DEADLINE),
+        };
+        lease.extend_boot_deadline(sent.boot);
+        Arc::new(lease)
+    }
+
+    fn extend_boot_deadline(&self, sent_boot: Option<Duration>) {
+        if let Some(boot) = sent_boot {
+            let deadline = boot + self.ttl - drift_margin(self.ttl);
+            let nanos = u64::try_from(deadline.as_nanos()).unwrap_or(NO_BOOT_DEADLINE - 1);
+            let _ = self
+                .boot_valid_until
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |old| {
+                    (old == NO_BOOT_DEADLINE || nanos > old).then_some(nanos)
+                });
+        }
+    }
+
+    /// Whether the validity window is still open on the boot clock (always, where it is unknown).
+    fn boot_window_open(&self) -> bool {
+        let deadline = self.boot_valid_until.load(Ordering::SeqCst);
+        match boot_clock() {
+            Some(now) if deadline != NO_BOOT_DEADLINE => now < Duration::from_nanos(deadline),
+            _ => true,
+        }
     }
 
     pub(crate) fn status(&self) -> LeaseStatus {
@@ -89,6 +172,7 @@ impl Lease {
         let status = self.status();
         matches!(status.state, LeaseState::Held | LeaseState::Suspect)
             && Instant::now() < status.valid_until
+            && self.boot_window_open()
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<LeaseStatus> {
@@ -110,8 +194,11 @@ impl Lease {
         });
     }
 
-    fn confirm(&self, sent: Instant) {
-        let valid_until = sent + self.ttl - drift_margin(self.ttl);
+    /// A renewal confirmed by the store, counted from `from`: the send time of the request that
+    /// extended the lease, at or before the attempt stamped `attempt`.
+    fn confirm(&self, attempt: Stamp, from: Instant) {
+        self.extend_boot_deadline(attempt.boot_at(from));
+        let valid_until = from + self.ttl - drift_margin(self.ttl);
         self.status.send_modify(|s| {
             if s.state == LeaseState::Held || s.state == LeaseState::Suspect {
                 s.state = LeaseState::Held;
@@ -136,23 +223,28 @@ impl Lease {
 
     /// Starts the task that keeps this lease alive until it is aborted or the lease is lost.
     /// `sent` is when the request that created the entry was sent.
-    pub(crate) fn spawn_keeper(self: &Arc<Self>, sent: Instant) -> JoinHandle<()> {
+    pub(crate) fn spawn_keeper(self: &Arc<Self>, sent: Stamp) -> JoinHandle<()> {
         let lease = Arc::clone(self);
         tokio::spawn(async move { lease.keep(sent).await })
     }
 
-    async fn keep(&self, sent: Instant) {
+    async fn keep(&self, sent: Stamp) {
         let interval = self.ttl / 3;
         let retry = (self.ttl / 10).clamp(Duration::from_millis(5), Duration::from_secs(1));
-        let mut next_renewal = sent + interval;
+        let mut next_renewal = sent.at + interval;
         loop {
             // Wake at the deadline even when the next retry is later: lost() must fire before the
             // store may expire the entry, not at the next attempt.
             tokio::time::sleep_until(next_renewal.min(self.status().valid_until)).await;
             let valid_until = self.status().valid_until;
-            let sent = Instant::now();
+            let attempt = Stamp::now();
+            let sent = attempt.at;
             if sent >= valid_until {
                 self.declare_lost("no renewal was confirmed before the validity deadline");
+                return;
+            }
+            if !self.boot_window_open() {
+                self.declare_lost("the host was suspended past the validity deadline");
                 return;
             }
             // One attempt may take until the next renewal would be due: a reply that never comes
@@ -165,7 +257,7 @@ impl Lease {
                     metrics::counter!(m::RENEWALS_TOTAL, "driver" => self.driver_name, "outcome" => "ok")
                         .increment(1);
                     let from = store_sent.min(sent);
-                    self.confirm(from);
+                    self.confirm(attempt, from);
                     next_renewal = from + interval;
                 }
                 Ok(Err(err)) if err.is_lost() => {
@@ -251,5 +343,36 @@ pub(crate) async fn release_with_retries(
                 return Err(err);
             }
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use crate::{LeaseState, Locks, MemoryDriver};
+
+    static SUSPENDED_NANOS: AtomicU64 = AtomicU64::new(0);
+
+    /// How far the boot clock has been moved ahead of the monotonic one, as a suspension would.
+    pub(crate) fn simulated_suspension() -> Duration {
+        Duration::from_nanos(SUSPENDED_NANOS.load(Ordering::SeqCst))
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test(start_paused = true)]
+    async fn a_suspension_past_the_window_invalidates_the_guard_at_once() {
+        let ttl = Duration::from_secs(3);
+        let locks = Locks::new(MemoryDriver::new());
+        let guard = locks.lock("x").ttl(ttl).await.unwrap();
+        assert!(guard.is_valid());
+        // The host sleeps for a TTL: the boot clock moves on, the monotonic clock does not.
+        SUSPENDED_NANOS.store(ttl.as_nanos() as u64, Ordering::SeqCst);
+        assert!(!guard.is_valid(), "the window ended during the suspension");
+        tokio::time::timeout(ttl / 3 + Duration::from_millis(1), guard.lost())
+            .await
+            .expect("lost() fires at the keeper's next wake-up");
+        assert_eq!(guard.status().state, LeaseState::Lost);
     }
 }
