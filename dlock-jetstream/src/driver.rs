@@ -1306,7 +1306,9 @@ impl Driver for JetStreamDriver {
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
         let inner = &*self.inner;
         let subjects = inner.subjects(name);
-        let snap = inner.load(name, &subjects, false, None).await?;
+        // Probing the server's clock (one write, client-clock mode only) is what tells an expired
+        // entry from a live one when nothing else wrote to the name since it expired.
+        let snap = inner.load(name, &subjects, true, None).await?;
         Ok(snap
             .entries
             .iter()
