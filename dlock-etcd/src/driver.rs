@@ -1,7 +1,6 @@
 //! The five operations on etcd.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dlock_core::grant::{self, Decision, QueueEntry};
@@ -16,6 +15,7 @@ use tokio::time::Instant;
 use crate::entry::{blocks, entry_key, name_prefix, Entry, Value, View};
 use crate::lease::{Lease, Leases, RefreshError, Why};
 use crate::pool::{to_error, CallError, Pool};
+use crate::tracked::Table;
 use crate::DRIVER;
 
 /// How many times an operation re-reads the queue after its guarded transaction lost a race before
@@ -23,20 +23,14 @@ use crate::DRIVER;
 /// under extreme contention on one name.
 const MAX_ROUNDS: usize = 64;
 
-/// What the driver knows about one entry it created.
-struct Tracked {
-    lease: Arc<Lease>,
-    /// `None` until the transaction that created the entry has answered.
-    create_revision: Option<i64>,
-}
-
 pub(crate) struct Inner {
     pub pool: Arc<Pool>,
     pub leases: Leases,
     pub prefix: String,
     pub min_ttl: Duration,
     pub user: Option<String>,
-    entries: Mutex<HashMap<EntryKey, Tracked>>,
+    /// The entries this driver created, and when their own guards last renewed them.
+    pub entries: Arc<Table>,
 }
 
 impl Drop for Inner {
@@ -67,6 +61,14 @@ fn queued(entry: &Entry) -> Queued {
     }
 }
 
+/// The mode a [`queued`] answer grants.
+fn granted(queued: Queued) -> Option<LockMode> {
+    match queued {
+        Queued::Granted(grant) => Some(grant.mode),
+        Queued::Waiting => None,
+    }
+}
+
 /// The revision a transaction was applied at: the fencing token of a grant it made.
 fn revision_of(resp: &TxnResponse) -> Result<i64> {
     // etcd always sends the header; without it there is no token, and a made-up one could break
@@ -88,34 +90,17 @@ impl Inner {
         user: Option<String>,
     ) -> Self {
         Inner {
+            entries: Table::new(Arc::clone(&pool), prefix.clone()),
             pool,
             leases,
             prefix,
             min_ttl,
             user,
-            entries: Mutex::new(HashMap::new()),
         }
-    }
-
-    fn entries(&self) -> MutexGuard<'_, HashMap<EntryKey, Tracked>> {
-        // Updates under this lock are single inserts and removals; a panic cannot leave it half-done.
-        self.entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn error(&self, err: CallError) -> Error {
         to_error(err, self.user.as_deref())
-    }
-
-    fn set_create_revision(&self, key: &EntryKey, revision: i64) {
-        if let Some(tracked) = self.entries().get_mut(key) {
-            tracked.create_revision = Some(revision);
-        }
-    }
-
-    pub fn create_revision(&self, key: &EntryKey) -> Option<i64> {
-        self.entries().get(key).and_then(|t| t.create_revision)
     }
 
     pub fn key_of(&self, key: &EntryKey) -> String {
@@ -153,25 +138,21 @@ impl Inner {
         Ok(View { revision, entries })
     }
 
-    /// Deletes entries on this driver's leases that it no longer tracks: a creating transaction that
+    /// Deletes entries on this driver's leases that belong to no guard: a creating transaction that
     /// landed after its caller gave up and released (a delayed request), or a release that never got
-    /// through. Other locks of this client keep renewing the lease, so without this such an entry
-    /// could block the name as long as the client runs.
+    /// through. The reaper would delete them a TTL after their last renewal; this is sooner.
     fn remove_leftovers(&self, name: &LockName, entries: &[Entry]) {
-        let leftovers: Vec<(String, i64)> = {
-            let tracked = self.entries();
-            entries
-                .iter()
-                .filter(|e| self.leases.is_ours(e.lease))
-                .filter(|e| {
-                    !tracked.contains_key(&EntryKey {
-                        name: name.clone(),
-                        owner: e.owner.clone(),
-                    })
+        let leftovers: Vec<(String, i64)> = entries
+            .iter()
+            .filter(|e| self.leases.is_ours(e.lease))
+            .filter(|e| {
+                self.entries.is_leftover(&EntryKey {
+                    name: name.clone(),
+                    owner: e.owner.clone(),
                 })
-                .map(|e| (e.key.clone(), e.create_revision))
-                .collect()
-        };
+            })
+            .map(|e| (e.key.clone(), e.create_revision))
+            .collect();
         if leftovers.is_empty() {
             return;
         }
@@ -215,12 +196,7 @@ impl Inner {
         let mut lease = lease.map_err(|e| self.error(e))?;
         let mut first_view = Some(first_view);
         // Tracked before the entry can exist, so it is never mistaken for a leftover.
-        self.entries()
-            .entry(key.clone())
-            .or_insert_with(|| Tracked {
-                lease: Arc::clone(&lease),
-                create_revision: None,
-            });
+        self.entries.track(key, &lease, request.ttl);
         let path = self.key_of(key);
         for _ in 0..MAX_ROUNDS {
             let view = match first_view.take() {
@@ -230,8 +206,10 @@ impl Inner {
             .map_err(|e| self.error(e))?;
             if let Some(i) = view.position(&key.owner) {
                 // A repeated enqueue (the first answer was lost): report the entry as it is.
-                self.set_create_revision(key, view.entries[i].create_revision);
-                return Ok(queued(&view.entries[i]));
+                let queued = queued(&view.entries[i]);
+                self.entries
+                    .created(key, view.entries[i].create_revision, granted(queued));
+                return Ok(queued);
             }
             let mut queue = view.queue();
             queue.push(QueueEntry::waiting(u64::MAX, request.mode));
@@ -251,7 +229,7 @@ impl Inner {
                 match self.txn("queue a granted entry", txn).await {
                     Ok(resp) if resp.succeeded() => {
                         let revision = revision_of(&resp)?;
-                        self.set_create_revision(key, revision);
+                        self.entries.created(key, revision, Some(request.mode));
                         return Ok(Queued::Granted(Grant {
                             mode: request.mode,
                             token: revision as u64,
@@ -269,7 +247,7 @@ impl Inner {
                     Err(e) => return Err(self.error(e)),
                 }
             } else if !request.wait {
-                self.entries().remove(key);
+                self.entries.forget(key);
                 return Err(Error::WouldBlock {
                     name: key.name.to_string(),
                 });
@@ -282,7 +260,7 @@ impl Inner {
                     .and_then([put(Value::waiting(request.mode), &lease)]);
                 match self.txn("queue a waiting entry", txn).await {
                     Ok(resp) if resp.succeeded() => {
-                        self.set_create_revision(key, revision_of(&resp)?);
+                        self.entries.created(key, revision_of(&resp)?, None);
                         return Ok(Queued::Waiting);
                     }
                     // The entry exists already (an earlier attempt landed): the next read finds it.
@@ -297,7 +275,7 @@ impl Inner {
             }
         }
         if !request.wait {
-            self.entries().remove(key);
+            self.entries.forget(key);
         }
         Err(Error::backend_msg(
             DRIVER,
@@ -323,9 +301,7 @@ impl Inner {
             .acquire(ttl, started)
             .await
             .map_err(|e| self.error(e))?;
-        if let Some(tracked) = self.entries().get_mut(key) {
-            tracked.lease = Arc::clone(&lease);
-        }
+        self.entries.moved(key, &lease);
         Ok(lease)
     }
 
@@ -333,7 +309,10 @@ impl Inner {
         let mut backoff = Duration::from_millis(20);
         loop {
             match self.wait_step(key).await {
-                Ok(Some(grant)) => return Ok(grant),
+                Ok(Some(grant)) => {
+                    self.entries.granted(key, grant.mode);
+                    return Ok(grant);
+                }
                 Ok(None) => backoff = Duration::from_millis(20),
                 Err(Step::Final(err)) => return Err(err),
                 Err(Step::Retry(err)) => {
@@ -351,13 +330,12 @@ impl Inner {
     /// unblock it. `Ok(None)` means "look again".
     async fn wait_step(&self, key: &EntryKey) -> Result<Option<Grant>, Step> {
         let lease = self
-            .entries()
-            .get(key)
-            .map(|t| Arc::clone(&t.lease))
+            .entries
+            .live_lease(key)
             .ok_or_else(|| Step::Final(lost(key)))?;
         let view = self.read_view(&key.name).await.map_err(Step::retry)?;
         let Some(i) = view.position(&key.owner) else {
-            self.entries().remove(key);
+            self.entries.forget(key);
             return Err(Step::Final(lost(key)));
         };
         let me = &view.entries[i];
@@ -498,11 +476,7 @@ impl Inner {
     }
 
     pub async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
-        let lease = self
-            .entries()
-            .get(key)
-            .map(|t| Arc::clone(&t.lease))
-            .ok_or_else(|| lost(key))?;
+        let lease = self.entries.live_lease(key).ok_or_else(|| lost(key))?;
         // A keepalive sent in the last sixth of the TTL is fresh enough: the keeper asks again a
         // third of the TTL after the instant returned, so keepalives stay 1/6 to 1/3 TTL apart
         // however many locks share the lease.
@@ -510,9 +484,18 @@ impl Inner {
         let now = Instant::now();
         let min_sent = now.checked_sub(window).unwrap_or(now);
         match lease.refresh(min_sent).await {
-            Ok(sent) => Ok(sent),
+            Ok(sent) => {
+                // Recorded as the entry's own renewal only now, later than the `sent` its guard
+                // counts from, so the reaper's deadline (this instant + TTL) is past the guard's
+                // validity window. Refused when the reaper took the entry while the keepalive was out.
+                if self.entries.renewed(key, ttl) {
+                    Ok(sent)
+                } else {
+                    Err(lost(key))
+                }
+            }
             Err(RefreshError::Lost) => {
-                self.entries().remove(key);
+                self.entries.forget(key);
                 Err(lost(key))
             }
             Err(RefreshError::Unavailable(message)) => Err(Error::backend_msg(DRIVER, message)),
@@ -520,36 +503,33 @@ impl Inner {
     }
 
     pub async fn release(&self, key: &EntryKey) -> Result<()> {
-        let known = self.entries().remove(key).and_then(|t| t.create_revision);
-        let path = self.key_of(key);
-        let create_revision = match known {
-            Some(revision) => revision,
-            None => {
-                // The creating transaction never answered (or this is a repeated release): look.
-                let resp = self
-                    .pool
-                    .call("read an entry", self.pool.timeout(), |client| {
-                        let path = path.clone();
-                        async move { client.kv_client().get(path, None).await }
-                    })
-                    .await
-                    .map_err(|e| self.error(e))?;
-                match resp.kvs().first() {
-                    Some(kv) => kv.create_revision(),
-                    None => return Ok(()),
-                }
-            }
-        };
-        delete_guarded(&self.pool, path, create_revision)
+        // The entry stays known until etcd confirms the delete: if this release gives up, the
+        // reaper deletes it a TTL after its last renewal, although other locks renew the lease.
+        let known = self.entries.release(key);
+        delete_entry(&self.pool, self.key_of(key), known)
             .await
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.error(e))?;
+        self.entries.forget(key);
+        Ok(())
     }
 
     pub async fn convert(&self, key: &EntryKey, mode: LockMode) -> Result<Queued> {
+        let (queued, held) = self.convert_in_store(key, mode).await?;
+        // A fence of this entry compares the mode held from now on.
+        let held = match queued {
+            Queued::Granted(grant) => grant.mode,
+            Queued::Waiting => held,
+        };
+        self.entries.granted(key, held);
+        Ok(queued)
+    }
+
+    /// Converts the entry in etcd; returns the answer for core and the mode held meanwhile.
+    async fn convert_in_store(&self, key: &EntryKey, mode: LockMode) -> Result<(Queued, LockMode)> {
         for _ in 0..MAX_ROUNDS {
             let view = self.read_view(&key.name).await.map_err(|e| self.error(e))?;
             let Some(i) = view.position(&key.owner) else {
-                self.entries().remove(key);
+                self.entries.forget(key);
                 return Err(lost(key));
             };
             let me = &view.entries[i];
@@ -574,7 +554,7 @@ impl Inner {
             };
             if mode == held.mode {
                 if me.value.converting_to.is_none() {
-                    return Ok(Queued::Granted(held));
+                    return Ok((Queued::Granted(held), held.mode));
                 }
                 // Withdrawing a pending conversion only relaxes others' constraints: no queue guard,
                 // but the entry must still be the one read, so its token is carried over correctly.
@@ -593,7 +573,7 @@ impl Inner {
                     .map_err(|e| self.error(e))?
                     .succeeded()
                 {
-                    return Ok(Queued::Granted(held));
+                    return Ok((Queued::Granted(held), held.mode));
                 }
                 continue;
             }
@@ -625,14 +605,15 @@ impl Inner {
                 .and_then([write(value)]);
             let resp = self.txn("convert", txn).await.map_err(|e| self.error(e))?;
             if resp.succeeded() {
-                return Ok(if now {
+                let queued = if now {
                     Queued::Granted(Grant {
                         mode,
                         token: revision_of(&resp)? as u64,
                     })
                 } else {
                     Queued::Waiting
-                });
+                };
+                return Ok((queued, held.mode));
             }
         }
         Err(Error::backend_msg(
@@ -662,6 +643,32 @@ impl Step {
     fn retry(err: CallError) -> Self {
         Step::Retry(format!("{err:?}"))
     }
+}
+
+/// Deletes the entry at `key`: the one created at `create_revision`, or, when that is unknown (the
+/// creating transaction never answered, or this is a repeated release), whichever entry the key
+/// holds now (keys are unique per acquire, so it can only be this one). Succeeds when it is gone.
+pub(crate) async fn delete_entry(
+    pool: &Pool,
+    key: String,
+    create_revision: Option<i64>,
+) -> Result<(), CallError> {
+    let create_revision = match create_revision {
+        Some(revision) => revision,
+        None => {
+            let resp = pool
+                .call("read an entry", pool.timeout(), |client| {
+                    let key = key.clone();
+                    async move { client.kv_client().get(key, None).await }
+                })
+                .await?;
+            match resp.kvs().first() {
+                Some(kv) => kv.create_revision(),
+                None => return Ok(()),
+            }
+        }
+    };
+    delete_guarded(pool, key, create_revision).await
 }
 
 /// Deletes `key` only if it is still the entry created at `create_revision`: a repeated or late

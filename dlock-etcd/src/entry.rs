@@ -2,7 +2,7 @@
 
 use dlock_core::grant::QueueEntry;
 use dlock_core::{EntryInfo, EntryKey, LockMode, LockName, OwnerId};
-use etcd_client::KeyValue;
+use etcd_client::{Compare, CompareOp, KeyValue};
 
 /// `<prefix>/<encoded name>/`: every entry of one name, and nothing else (encoded names contain no
 /// `/`, so no name's range covers another's).
@@ -93,6 +93,28 @@ impl Value {
             converting_to: target,
         })
     }
+}
+
+/// Holds while the value of `key` says "granted in `mode`" (`MODE!…`, whatever its token and pending
+/// conversion): see [`granted_bounds`].
+pub(crate) fn granted_in(key: &str, mode: LockMode) -> [Compare; 2] {
+    let (above, below) = granted_bounds(mode);
+    [
+        Compare::value(key, CompareOp::Greater, above),
+        Compare::value(key, CompareOp::Less, below),
+    ]
+}
+
+/// The values strictly between these two bytes strings are, among the values this driver writes,
+/// exactly those of an entry granted in `mode`: `MODE!…` sorts between `MODE ` and `MODE"` (`!` is
+/// the byte between the space and `"`), a waiting `MODE` sorts before both, and every other mode's
+/// values sort outside (mode names are two letters). etcd compares values byte by byte, as here.
+fn granted_bounds(mode: LockMode) -> (Vec<u8>, Vec<u8>) {
+    let granted = Value::fresh_grant(mode).encode().into_bytes();
+    let stem = granted
+        .strip_suffix(b"!")
+        .expect("a grant's value ends in '!'");
+    ([stem, b" "].concat(), [stem, b"\""].concat())
 }
 
 /// One live entry of a name's queue.
@@ -240,6 +262,38 @@ mod tests {
             assert_eq!(Value::decode(raw.as_bytes()), None, "{raw:?}");
         }
         assert_eq!(Value::decode(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn granted_bounds_take_exactly_the_grants_of_one_mode() {
+        let mut values = Vec::new();
+        for mode in LockMode::ALL {
+            values.push(Value::waiting(mode));
+            values.push(Value::fresh_grant(mode));
+            for token in [Some(7), Some(1207), None] {
+                for converting_to in LockMode::ALL.map(Some).into_iter().chain([None]) {
+                    values.push(Value {
+                        mode,
+                        granted: true,
+                        token,
+                        converting_to,
+                    });
+                }
+            }
+        }
+        for mode in LockMode::ALL {
+            let (above, below) = granted_bounds(mode);
+            for v in &values {
+                let raw = v.encode().into_bytes();
+                let inside = above < raw && raw < below;
+                assert_eq!(
+                    inside,
+                    v.granted && v.mode == mode,
+                    "{mode}: {}",
+                    v.encode()
+                );
+            }
+        }
     }
 
     #[test]

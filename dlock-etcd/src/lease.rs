@@ -18,6 +18,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::time::Instant;
 
 use crate::pool::{CallError, Pool};
+use crate::tracked::Reaper;
 
 /// Why a lease is given up.
 #[derive(Clone, Copy, Debug)]
@@ -46,6 +47,9 @@ pub(crate) struct Lease {
     pub ttl: Duration,
     pool: Arc<Pool>,
     state: Mutex<State>,
+    /// Deletes the entries on this lease that their own guards stopped renewing, which the
+    /// keepalives sent for the other entries would otherwise keep alive (see `tracked`).
+    pub reaper: Reaper,
 }
 
 struct State {
@@ -71,6 +75,7 @@ impl Lease {
                 confirmed: sent,
                 in_flight: None,
             }),
+            reaper: Reaper::default(),
         })
     }
 
@@ -96,7 +101,23 @@ impl Lease {
                 "dlock-etcd: etcd no longer has the lease; the locks on it are lost"
             ),
         }
+        self.reaper.wake();
         self.revoke_in_background();
+    }
+
+    /// Whether the lease is given up: lost, or no keepalive was confirmed for a whole TTL (then
+    /// etcd may have expired it, and it is marked lost here as [`Lease::refresh`] would).
+    pub fn lapsed(self: &Arc<Self>) -> bool {
+        let state = lock(&self.state);
+        if state.lost {
+            return true;
+        }
+        if Instant::now() < state.confirmed + self.ttl {
+            return false;
+        }
+        drop(state);
+        self.mark_lost(Why::NotRenewed);
+        true
     }
 
     /// How long one keepalive attempt may take on one member before the next member is tried: short
@@ -293,6 +314,7 @@ impl Leases {
     /// wait for expiry).
     pub fn revoke_all_in_background(&self) {
         for lease in lock(&self.live).drain(..) {
+            lease.reaper.stop();
             if !lease.is_lost() {
                 lease.revoke_in_background();
             }

@@ -111,7 +111,34 @@
 //! instead of being stretched behind the caller's back.
 //!
 //! [`Capabilities::per_request_ttl`](dlock_core::Capabilities::per_request_ttl) is `false`: entries
-//! with the same TTL share a lease, so an entry lives as long as its client renews any of them.
+//! with the same TTL share a lease, and the lease is what etcd expires when a client dies. An entry
+//! still ends within its own TTL of its own guard's last renewal, whatever the client's other locks
+//! do (next section).
+//!
+//! # Entries nobody renews
+//!
+//! **Rule: every entry ends one TTL after its last renewal by its own guard** (or after the enqueue
+//! that created it, if never renewed), **plus one delete's round trip — even while the client's
+//! other locks keep the shared lease alive.** Without it, an entry whose guard was leaked, dropped
+//! outside a tokio runtime (its `Drop` cannot spawn the release), or whose release gave up, would
+//! block its name for as long as the client holds any other lock with that TTL.
+//!
+//! The driver records, per entry, the instant its own guard's renewal returned (the enqueue's
+//! answer, to begin with). Each lease has a reaper task that sleeps until the earliest of
+//! (recorded instant + the entry's TTL) over the entries on the lease, then deletes the entries
+//! past it — each by a transaction guarded on the entry's create revision, like a release, so it
+//! never removes a newer entry, and its waiters wake as on any release — and forgets them; a
+//! renewal that comes back after that answers [`Lost`](dlock_core::Error::Lost). This is never
+//! before the guard's validity window ends: the guard counts from when its renewal was *sent*,
+//! which is earlier, and stops a drift margin short of the TTL.
+//!
+//! Renewals stay one keepalive per lease (the reaper costs no store call for entries that are
+//! renewed; an overdue entry costs one delete). The reaper lives as long as its lease is kept
+//! alive: every renewal checks that it runs, and starts it again on the renewing task's runtime if
+//! it ended with the runtime it ran on. A release that fails leaves the entry known to the driver,
+//! so the reaper deletes it at the same deadline (or sooner, when this client next reads that
+//! lock's queue). A guard that is leaked with [`std::mem::forget`] keeps its keeper task, which
+//! goes on renewing the entry: that lock stays held, as for any guard that is alive.
 //!
 //! # Fencing tokens
 //!
@@ -125,7 +152,11 @@
 //! was granted a compatible mode converts up to a conflicting one; that holder's conversion token is
 //! newer than the waiter's create revision, and the waiter is granted after it.)
 //!
-//! To make your own etcd writes conditional on holding the lock, see [`EtcdDriver::fenced_txn`].
+//! To make your own etcd writes conditional on holding the lock, take a [`Fence`] with
+//! [`EtcdDriver::fence`] and write with [`EtcdDriver::fenced_txn`]. A fence compares the entry's
+//! create revision *and* its value, so it holds only while the lock is held in the mode it was
+//! held in when the fence was taken: converting a lock down (say `EX` to `NL`) ends its fences,
+//! and a write fenced by the `EX` grant cannot land beside another client's new `EX`.
 //!
 //! # Members
 //!
@@ -140,9 +171,10 @@
 //!
 //! - **Atomicity** (no two incompatible holders; tokens increase along conflicting holders): holds on
 //!   any etcd, through member crashes, leader changes and partitions. Every grant is a linearizable,
-//!   guarded write, and an entry leaves the store only by its owner's delete or by its lease expiring,
-//!   which etcd's leader measures from the *receipt* of the last keepalive — never before the holder's
-//!   validity window (counted from the *send*) has ended.
+//!   guarded write, and an entry leaves the store only by its owner's delete, by its lease expiring,
+//!   which etcd's leader measures from the *receipt* of the last keepalive, or by the reaper one TTL
+//!   after its guard's last renewal returned — never before the holder's validity window (counted
+//!   from the *send*) has ended.
 //! - **Loss of a minority** of members (crashed, killed or partitioned): locks stay held and waiters
 //!   are granted; requests to a dead member fail over to the others. While a majority is lost, nothing
 //!   is granted or renewed, and holders turn Lost at the end of their validity windows.
@@ -163,6 +195,7 @@ mod driver;
 mod entry;
 mod lease;
 mod pool;
+mod tracked;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -287,64 +320,84 @@ impl EtcdDriver {
         })
     }
 
-    /// A comparison that holds only while the entry of `guard` — the lock behind a
-    /// [`Guard`](dlock_core::Guard) from this driver, found with
-    /// [`Guard::entry_key`](dlock_core::Guard::entry_key) — still exists in etcd: it compares the
-    /// entry key's create revision with the entry's own. Put it first in a transaction of your own to
-    /// make the transaction's writes conditional on holding the lock.
+    /// A fence for the lock behind a [`Guard`](dlock_core::Guard) from this driver (`guard` is its
+    /// [`Guard::entry_key`](dlock_core::Guard::entry_key)): a condition for etcd transactions that
+    /// holds while the lock is still held in etcd in the mode it is held in now. Use it with
+    /// [`EtcdDriver::fenced_txn`], or put its [`compares`](Fence::compares) first in a transaction of
+    /// your own.
     ///
-    /// [`Error::Lost`] when this driver does not hold that entry (released, lost, or another driver's).
-    pub fn fence(&self, guard: &EntryKey) -> Result<etcd_client::Compare> {
-        let revision = self
-            .inner
-            .create_revision(guard)
-            .ok_or_else(|| Error::Lost {
+    /// Take the fence while holding the mode your writes need. It compares the entry's create
+    /// revision (so it ends when the lock is released, expires or is deleted as an
+    /// [orphan](crate#entries-nobody-renews)) and its value (so it ends when the mode changes). A
+    /// pending conversion leaves it in force, as the mode is still held; a completed conversion ends
+    /// it, in either direction. After a conversion down, another client may hold a mode the old one
+    /// excluded, so a write fenced by the old mode must not apply; after a conversion up, take a new
+    /// fence (an etcd transaction cannot compare a value with a set of modes, "this one or any
+    /// stronger").
+    ///
+    /// The mode is the one this driver last granted the entry. When a conversion ended without a
+    /// definite answer, the guard falls back to a weaker mode while etcd may still hold the old
+    /// one; a fence for the old one then holds exactly as long as etcd says the entry holds it.
+    ///
+    /// [`Error::Lost`] when this driver does not hold that entry (released, lost, not granted yet,
+    /// or another driver's).
+    pub fn fence(&self, guard: &EntryKey) -> Result<Fence> {
+        let (create_revision, mode) =
+            self.inner.entries.fence(guard).ok_or_else(|| Error::Lost {
                 name: guard.name.to_string(),
             })?;
-        Ok(etcd_client::Compare::create_revision(
-            self.inner.key_of(guard),
+        let key = self.inner.key_of(guard);
+        let mut compares = vec![etcd_client::Compare::create_revision(
+            key.as_str(),
             etcd_client::CompareOp::Equal,
-            revision,
-        ))
+            create_revision,
+        )];
+        compares.extend(entry::granted_in(&key, mode));
+        Ok(Fence {
+            name: guard.name.clone(),
+            mode,
+            compares,
+        })
     }
 
-    /// Runs `ops` in one etcd transaction that applies only while the lock of `guard` is held in etcd
-    /// (see [`EtcdDriver::fence`]). Returns the transaction's answer when it applied, and
-    /// [`Error::Lost`] when it did not because the lock's entry is gone — released, or expired with
-    /// the lease after this client lost contact. Unlike a check of
-    /// [`Guard::is_valid`](dlock_core::Guard::is_valid) before writing, the check and the writes happen
-    /// atomically in etcd, so no delay between them can let a write in after the lock was lost.
+    /// Runs `ops` in one etcd transaction that applies only while `fence` holds: while the lock it
+    /// was taken from is held in etcd in the mode it was held in then (see [`EtcdDriver::fence`]).
+    /// Returns the transaction's answer when it applied, and [`Error::Lost`] when it did not —
+    /// the lock was released, expired with the lease after this client lost contact, or was
+    /// converted since. Unlike a check of [`Guard::is_valid`](dlock_core::Guard::is_valid) before
+    /// writing, the check and the writes happen atomically in etcd, so no delay between them can
+    /// let a write in after the lock was lost.
     ///
     /// Like any etcd request of this driver, the transaction is sent again to another member if the
     /// first one fails without an answer. So it may apply twice, and an answer of `Lost` may follow a
     /// first attempt that did apply (before the lock was lost); when that matters, build the
-    /// transaction yourself with [`EtcdDriver::fence`], a compare of your own, and
+    /// transaction yourself with [`Fence::compares`], a compare of your own, and
     /// [`EtcdDriver::client`].
     ///
     /// ```no_run
-    /// use dlock_core::Locks;
+    /// use dlock_core::{Locks, LockMode};
     /// use dlock_etcd::{etcd_client::TxnOp, EtcdDriver};
     /// # async fn demo() -> dlock_core::Result<()> {
     /// let driver = EtcdDriver::connect("etcd://127.0.0.1:2379").await?;
     /// let locks = Locks::new(driver.clone());
-    /// let guard = locks.lock("stock/42").await?;
+    /// let guard = locks.lock("stock/42").mode(LockMode::PW).await?;
+    /// let fence = driver.fence(guard.entry_key())?;
     /// match driver
-    ///     .fenced_txn(guard.entry_key(), [TxnOp::put("stock/42/count", "41", None)])
+    ///     .fenced_txn(&fence, [TxnOp::put("stock/42/count", "41", None)])
     ///     .await
     /// {
-    ///     Ok(_) => println!("written while holding the lock"),
-    ///     Err(e) if e.is_lost() => println!("lock lost; nothing written"),
+    ///     Ok(_) => println!("written while holding the lock in {}", fence.mode()),
+    ///     Err(e) if e.is_lost() => println!("lock lost or converted; nothing written"),
     ///     Err(e) => return Err(e),
     /// }
     /// # Ok(()) }
     /// ```
     pub async fn fenced_txn(
         &self,
-        guard: &EntryKey,
+        fence: &Fence,
         ops: impl Into<Vec<etcd_client::TxnOp>>,
     ) -> Result<etcd_client::TxnResponse> {
-        let fence = self.fence(guard)?;
-        let txn = etcd_client::Txn::new().when([fence]).and_then(ops);
+        let txn = etcd_client::Txn::new().when(fence.compares()).and_then(ops);
         let inner = &self.inner;
         let resp = inner
             .pool
@@ -357,8 +410,9 @@ impl EtcdDriver {
         if resp.succeeded() {
             Ok(resp)
         } else {
+            tracing::debug!(name = %fence.name, mode = %fence.mode, "dlock-etcd: a fenced transaction was refused: the lock is no longer held in the fence's mode");
             Err(Error::Lost {
-                name: guard.name.to_string(),
+                name: fence.name.to_string(),
             })
         }
     }
@@ -376,6 +430,39 @@ impl EtcdDriver {
     /// The key prefix (`prefix=` in the URL; `dlock` by default).
     pub fn prefix(&self) -> &str {
         &self.inner.prefix
+    }
+}
+
+/// A condition for etcd transactions: it holds while one lock is held in etcd in the mode it was
+/// held in when [`EtcdDriver::fence`] made the fence. See there for when it ends.
+#[derive(Clone, Debug)]
+pub struct Fence {
+    name: LockName,
+    mode: LockMode,
+    compares: Vec<etcd_client::Compare>,
+}
+
+impl Fence {
+    /// The lock the fence was taken from.
+    pub fn name(&self) -> &LockName {
+        &self.name
+    }
+
+    /// The mode the lock must still be held in.
+    pub fn mode(&self) -> LockMode {
+        self.mode
+    }
+
+    /// The comparisons to put first in a transaction of your own (all of them: each alone holds
+    /// in cases where the fence does not).
+    pub fn compares(&self) -> Vec<etcd_client::Compare> {
+        self.compares.clone()
+    }
+}
+
+impl From<Fence> for Vec<etcd_client::Compare> {
+    fn from(fence: Fence) -> Self {
+        fence.compares
     }
 }
 

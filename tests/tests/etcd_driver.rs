@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context, Result};
 use dlock::lease::drift_margin;
 use dlock::{Capabilities, Error, LeaseState, LockMode, Locks};
-use dlock_etcd::etcd_client::{GetOptions, TxnOp};
-use dlock_etcd::EtcdDriver;
+use dlock_etcd::etcd_client::{GetOptions, Txn, TxnOp};
+use dlock_etcd::{EtcdDriver, Fence};
 use dlock_tests::harness::etcd::EtcdSecurity;
 use dlock_tests::harness::net::http_get;
 use dlock_tests::harness::{
@@ -197,7 +197,7 @@ async fn killing_the_leader_keeps_holders_grants_waiters_and_history_stays_linea
         ops_per_client: 250,
         names: 3,
         faults: 8,
-        seed: rand::random(),
+        ..Workload::default()
     };
     let factory = KillFactory {
         cluster: &cluster,
@@ -628,8 +628,10 @@ async fn fenced_txn_writes_while_held_and_refuses_once_the_lock_is_lost() -> Res
 
     let ttl = Duration::from_secs(2);
     let guard = locks.lock("stock").ttl(ttl).await?;
+    let fence = driver.fence(guard.entry_key())?;
+    ensure!(fence.mode() == EX && fence.name() == guard.name());
     driver
-        .fenced_txn(guard.entry_key(), [TxnOp::put("app/stock", "41", None)])
+        .fenced_txn(&fence, [TxnOp::put("app/stock", "41", None)])
         .await?;
     ensure!(value(direct.clone()).await?.as_deref() == Some("41"));
 
@@ -643,7 +645,7 @@ async fn fenced_txn_writes_while_held_and_refuses_once_the_lock_is_lost() -> Res
     .await??;
     proxy.set_blackhole(false);
     let err = driver
-        .fenced_txn(guard.entry_key(), [TxnOp::put("app/stock", "40", None)])
+        .fenced_txn(&fence, [TxnOp::put("app/stock", "40", None)])
         .await
         .err();
     ensure!(
@@ -655,8 +657,9 @@ async fn fenced_txn_writes_while_held_and_refuses_once_the_lock_is_lost() -> Res
         "the refused write must not apply"
     );
     // The new holder writes under its own fence.
+    let next_fence = direct.fence(next.entry_key())?;
     direct
-        .fenced_txn(next.entry_key(), [TxnOp::put("app/stock", "39", None)])
+        .fenced_txn(&next_fence, [TxnOp::put("app/stock", "39", None)])
         .await?;
     ensure!(value(direct.clone()).await?.as_deref() == Some("39"));
 
@@ -664,7 +667,7 @@ async fn fenced_txn_writes_while_held_and_refuses_once_the_lock_is_lost() -> Res
     let key = next.entry_key().clone();
     next.release().await?;
     let err = direct
-        .fenced_txn(&key, [TxnOp::put("app/stock", "0", None)])
+        .fenced_txn(&next_fence, [TxnOp::put("app/stock", "0", None)])
         .await
         .err();
     ensure!(err.as_ref().is_some_and(Error::is_lost), "{err:?}");
@@ -763,5 +766,280 @@ async fn bad_urls_are_refused_with_the_reason() -> Result<()> {
             "{url}: {err:?}"
         );
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Orphaned entries: no lease other locks renew may keep an entry alive past its own guard
+
+/// A TTL at etcd's minimum, so each case waits as little as the store allows.
+fn orphan_ttl(locks: &Locks) -> Duration {
+    locks.capabilities().min_ttl.max(Duration::from_secs(2))
+}
+
+/// Awaits a waiter that must be granted once an orphaned entry ahead of it ends: within 2×TTL of
+/// the orphan's last renewal (which is no later than `orphaned_at`). This bound is the guarantee
+/// under test, not a hang guard.
+async fn granted_within_two_ttls(
+    waiter: tokio::task::JoinHandle<dlock::Result<dlock::Guard>>,
+    orphaned_at: Instant,
+    ttl: Duration,
+) -> Result<dlock::Guard> {
+    let guard = tokio::time::timeout_at(orphaned_at + 2 * ttl, waiter)
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "the orphaned entry still blocks its lock {:?} after it was orphaned (TTL {ttl:?})",
+                orphaned_at.elapsed()
+            )
+        })???;
+    println!(
+        "the orphan's lock was granted to the next waiter {:?} after it was orphaned (TTL {ttl:?})",
+        orphaned_at.elapsed()
+    );
+    Ok(guard)
+}
+
+/// The client's other lock on the same lease is still held, valid, and first in its queue.
+async fn still_held(locks: &Locks, guard: &dlock::Guard) -> Result<()> {
+    ensure!(
+        guard.is_valid() && guard.status().state == LeaseState::Held,
+        "the client's other lock must stay held: {:?}",
+        guard.status()
+    );
+    let queue = locks.inspect(guard.name().as_str()).await?;
+    ensure!(
+        queue
+            .first()
+            .is_some_and(|e| e.owner == guard.entry_key().owner && e.granted),
+        "the client's other lock lost its entry: {queue:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_dropped_outside_a_runtime_frees_its_lock_while_the_client_renews_others(
+) -> Result<()> {
+    if !harness::require(Backend::Etcd) {
+        return Ok(());
+    }
+    let server = EtcdServer::start(EtcdVersion::V3_5).await?;
+    let url = url_of(server.as_cluster());
+    let (locks, other) = (dlock::connect(&url).await?, dlock::connect(&url).await?);
+    let ttl = orphan_ttl(&locks);
+    // Same client, same TTL: both entries are on one lease, which `kept`'s keeper renews.
+    let kept = locks.lock("orphan/kept").ttl(ttl).await?;
+    let orphan = locks.lock("orphan/dropped").ttl(ttl).await?;
+    let waiter = tokio::spawn(other.lock("orphan/dropped").ttl(LONG_TTL).into_future());
+    eventually("the waiter is queued behind the doomed guard", || async {
+        Ok(queue_len(&other, "orphan/dropped").await? == 2)
+    })
+    .await?;
+
+    // Dropped on a plain thread, the guard's Drop finds no runtime to release on.
+    let orphaned_at = Instant::now();
+    std::thread::spawn(move || drop(orphan))
+        .join()
+        .map_err(|_| anyhow!("the thread dropping the guard panicked"))?;
+    let next = granted_within_two_ttls(waiter, orphaned_at, ttl).await?;
+    still_held(&locks, &kept).await?;
+    next.release().await?;
+    kept.release().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guards_whose_runtime_shut_down_free_their_locks_while_the_client_renews_others(
+) -> Result<()> {
+    if !harness::require(Backend::Etcd) {
+        return Ok(());
+    }
+    let server = EtcdServer::start(EtcdVersion::V3_5).await?;
+    let url = url_of(server.as_cluster());
+    // One driver, connected on the test's runtime, serves a client on a second runtime too.
+    let driver = EtcdDriver::connect(&url).await?;
+    let locks = Locks::new(driver.clone());
+    let other = dlock::connect(&url).await?;
+    let ttl = orphan_ttl(&locks);
+
+    // The second runtime takes two locks first, so the shared lease starts out there: one on the
+    // shared driver, one on a client of its own that goes away with that runtime. Each guard is
+    // parked in a task, and the runtime is shut down under them.
+    let (granted_tx, granted_rx) = tokio::sync::oneshot::channel();
+    let (shut_tx, shut_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn({
+        let (locks, url) = (locks.clone(), url.clone());
+        move || -> Result<()> {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let own = dlock::connect(&url).await?;
+                for guard in [
+                    locks.lock("rt/shared-driver").ttl(ttl).await?,
+                    own.lock("rt/own-client").ttl(ttl).await?,
+                ] {
+                    tokio::spawn(async move {
+                        let _parked = guard;
+                        std::future::pending::<()>().await
+                    });
+                }
+                anyhow::Ok(())
+            })?;
+            let _ = granted_tx.send(());
+            shut_rx.recv()?;
+            drop(runtime);
+            Ok(())
+        }
+    });
+    within("the second runtime holds its locks", granted_rx).await??;
+    let kept = locks.lock("rt/kept").ttl(ttl).await?;
+    let mut waiters = Vec::new();
+    for name in ["rt/shared-driver", "rt/own-client"] {
+        waiters.push(tokio::spawn(other.lock(name).ttl(LONG_TTL).into_future()));
+        eventually("the waiter is queued", || async {
+            Ok(queue_len(&other, name).await? == 2)
+        })
+        .await?;
+    }
+
+    let orphaned_at = Instant::now();
+    shut_tx.send(())?;
+    tokio::task::spawn_blocking(move || thread.join())
+        .await?
+        .map_err(|_| anyhow!("the second runtime's thread panicked"))??;
+    for waiter in waiters {
+        granted_within_two_ttls(waiter, orphaned_at, ttl)
+            .await?
+            .release()
+            .await?;
+    }
+    still_held(&locks, &kept).await?;
+    kept.release().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_taken_in_ex_refuses_writes_once_the_lock_is_converted_down() -> Result<()> {
+    if !harness::require(Backend::Etcd) {
+        return Ok(());
+    }
+    let server = EtcdServer::start(EtcdVersion::V3_4).await?;
+    let url = url_of(server.as_cluster());
+    let driver = EtcdDriver::connect(&url).await?;
+    let locks = Locks::new(driver.clone());
+    let direct = EtcdDriver::connect(&url).await?;
+    let other = Locks::new(direct.clone());
+    let value = || async {
+        let resp = direct
+            .client()
+            .await?
+            .kv_client()
+            .get("app/ledger", None)
+            .await?;
+        anyhow::Ok(
+            resp.kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+        )
+    };
+    // The fence's compares in a transaction of one's own, sent once.
+    let own_txn = |fence: &Fence, value: &'static str| {
+        let (driver, compares) = (driver.clone(), fence.compares());
+        async move {
+            let txn = Txn::new()
+                .when(compares)
+                .and_then([TxnOp::put("app/ledger", value, None)]);
+            anyhow::Ok(
+                driver
+                    .client()
+                    .await?
+                    .kv_client()
+                    .txn(txn)
+                    .await?
+                    .succeeded(),
+            )
+        }
+    };
+
+    let mut guard = locks.lock("ledger").mode(EX).ttl(LONG_TTL).await?;
+    let fence = driver.fence(guard.entry_key())?;
+    ensure!(fence.mode() == EX);
+    driver
+        .fenced_txn(&fence, [TxnOp::put("app/ledger", "1", None)])
+        .await?;
+    ensure!(value().await?.as_deref() == Some("1"));
+    ensure!(
+        own_txn(&fence, "2").await?,
+        "a transaction of one's own fenced by a held EX lock must apply"
+    );
+
+    guard.convert(NL).await?;
+    let next = within(
+        "another client takes EX",
+        other.lock("ledger").mode(EX).ttl(LONG_TTL),
+    )
+    .await??;
+    let next_fence = direct.fence(next.entry_key())?;
+    direct
+        .fenced_txn(&next_fence, [TxnOp::put("app/ledger", "3", None)])
+        .await?;
+    let err = driver
+        .fenced_txn(&fence, [TxnOp::put("app/ledger", "4", None)])
+        .await
+        .err();
+    ensure!(
+        err.as_ref().is_some_and(Error::is_lost),
+        "a write fenced by the EX grant must be refused once the lock is NL and another client holds EX: {err:?}"
+    );
+    ensure!(
+        !own_txn(&fence, "5").await?,
+        "a transaction of one's own fenced by the EX grant applied beside another client's EX"
+    );
+    ensure!(
+        value().await?.as_deref() == Some("3"),
+        "the refused writes must not apply"
+    );
+    // A fence taken now is for what the guard holds now.
+    ensure!(driver.fence(guard.entry_key())?.mode() == NL);
+    next.release().await?;
+
+    // A pending conversion leaves a fence in force (the mode is still held); the conversion, once
+    // granted, ends it (a completed conversion ends fences in either direction).
+    guard.convert(PR).await?;
+    let reader = other.lock("ledger").mode(PR).ttl(LONG_TTL).await?;
+    let pr_fence = driver.fence(guard.entry_key())?;
+    ensure!(pr_fence.mode() == PR);
+    let converting = tokio::spawn(async move {
+        guard.convert(EX).await?;
+        anyhow::Ok(guard)
+    });
+    eventually("the EX conversion is pending", || async {
+        Ok(other
+            .inspect("ledger")
+            .await?
+            .iter()
+            .any(|e| e.converting_to == Some(EX)))
+    })
+    .await?;
+    driver
+        .fenced_txn(&pr_fence, [TxnOp::put("app/ledger", "6", None)])
+        .await?;
+    reader.release().await?;
+    let guard = within("the conversion is granted", converting).await???;
+    let err = driver
+        .fenced_txn(&pr_fence, [TxnOp::put("app/ledger", "7", None)])
+        .await
+        .err();
+    ensure!(err.as_ref().is_some_and(Error::is_lost), "{err:?}");
+    driver
+        .fenced_txn(
+            &driver.fence(guard.entry_key())?,
+            [TxnOp::put("app/ledger", "8", None)],
+        )
+        .await?;
+    ensure!(value().await?.as_deref() == Some("8"));
+    guard.release().await?;
     Ok(())
 }
