@@ -83,10 +83,10 @@
 //! apart. If a burst of grants ran the counter ahead of the clock, the hash keeps just its two counter
 //! fields, with a `PEXPIREAT` just past them, until the clock catches up (well under a millisecond).
 //! The next grant after the idle period then starts from the clock, above every earlier token, as long
-//! as **the Redis host's clock does not step back** across the idle period — and, after a failover,
-//! the new primary's clock is not behind the old one's by more than the time since the last grant.
-//! Keep the servers' clocks NTP-slewed, not stepped. Under that assumption the driver declares
-//! `fencing_total_order`.
+//! as **the Redis host's clock does not step back** across the idle period (see [Clocks](#clocks) for
+//! what a step does) — and, after a failover, the new primary's clock is not behind the old one's by
+//! more than the time since the last grant. Keep the servers' clocks NTP-slewed, not stepped. Under
+//! that assumption the driver declares `fencing_total_order`.
 //!
 //! Tokens are microseconds since the Unix epoch (about 1.8 × 10^15 in 2026): they fit an `i64`, and
 //! stay exact in Lua's doubles until the year 2255.
@@ -97,9 +97,11 @@
 //! scripts, so the grant rule holds exactly — no two incompatible modes are granted at once, waiters are
 //! served in FIFO order, conversions and deadlock detection follow [`dlock_core::grant`]. Leases expire
 //! by the server clock counting from when the request arrived, never before the client's validity
-//! deadline (given clock *rates* within core's drift margin). A crashed holder's entry is dropped when
-//! its lease lapses, and the next waiter is granted then (Liveness A); a holder cut off from Redis turns
-//! Lost within its TTL and its entry expires by itself (Liveness B).
+//! deadline (given clock *rates* within core's drift margin, and no clock *steps*: see
+//! [Clocks](#clocks)). A crashed holder's entry is dropped when its lease lapses, and the next waiter
+//! is granted then (Liveness A); a holder cut off from Redis turns Lost within its TTL and its entry
+//! expires by itself (Liveness B). All of this across restarts of the server only if it persists every
+//! write before replying: see [Restarts and persistence](#restarts-and-persistence).
 //!
 //! **Failover with asynchronous replication** (Sentinel, or cluster replicas) can break exclusion: a
 //! grant acknowledged by the old primary may not have reached the replica that is promoted, which then
@@ -118,9 +120,83 @@
 //! **Eviction**: run the lock store with `maxmemory-policy noeviction`. Every key here has a TTL, so a
 //! `volatile-*` (or `allkeys-*`) policy may evict held locks under memory pressure.
 //!
+//! **In short**, run a Redis that holds locks with:
+//!
+//! ```text
+//! appendonly yes
+//! appendfsync always
+//! maxmemory-policy noeviction
+//! ```
+//!
+//! and keep its host's clock slewed, never stepped.
+//!
 //! **Cluster**: each name lives on one shard, with that shard's guarantees; a shard that is down makes
 //! its names unavailable (operations fail, holders turn Lost), other names are unaffected. This is not
 //! Redlock: there is no majority across shards.
+//!
+//! # Restarts and persistence
+//!
+//! Locks are only as durable as the server's data. What a restart (a crash, `kill -9`, a reboot, a
+//! deploy) does depends on how the server persists:
+//!
+//! - **No append-only file** (`appendonly no`, Redis's default; with or without RDB snapshots): the
+//!   server comes back empty, or as of its last snapshot. Every grant made since is forgotten while its
+//!   holder's guard still reports the lock valid, so the next client is granted at once — two holders
+//!   of incompatible modes — until the first holder's next renewal (within a third of its TTL) finds
+//!   its entry gone and turns the guard Lost. A snapshot does not help: it brings back leases as they
+//!   were when it was taken, which can run out before their holders' validity deadlines. Fencing
+//!   tokens do survive: they restart from the server clock, above every earlier token (under the clock
+//!   assumption of [Fencing tokens](#fencing-tokens)), so a resource that checks tokens rejects the
+//!   old holder's writes — but the lock itself does not hold. The driver does not try to detect this.
+//! - **`appendonly yes` with `appendfsync always`**: every script's effects are written and fsynced
+//!   to the append-only file before the reply leaves, so whatever a client was told survives a crash
+//!   of the process or of the host. After the restart each entry has the lease it had (expiry is kept
+//!   as absolute server time) and the downtime counts against it: a holder whose renewals resume
+//!   before its validity deadline keeps the lock, one that could not renew in time has turned Lost by
+//!   its deadline, before the store can drop its entry. Waiters keep their places. These are the
+//!   settings the driver's conformance suite runs with.
+//! - **`appendonly yes` with `appendfsync everysec`** (the default once the file is on): the file is
+//!   still written before each reply, so a crash of the Redis *process* loses nothing; a crash of the
+//!   *host* (kernel panic, power loss, VM killed) loses the writes of up to about the last second (two
+//!   when the disk stalls) — grants, renewals and releases — with the effect described above for
+//!   those grants. `appendfsync no` leaves flushing to the OS: up to ~30 s on Linux.
+//!
+//! A restart also drops every connection: operations in flight fail with a retryable
+//! [`Error::Backend`](dlock_core::Error::Backend) and the driver reconnects by itself; waiters
+//! re-check and keep waiting.
+//!
+//! # Clocks
+//!
+//! The scripts read the server's wall clock (`TIME`, which Redis 7 takes from `gettimeofday`, i.e.
+//! `CLOCK_REALTIME`), and Redis expires the queue hashes' `PEXPIREAT`s by the same clock, on access
+//! and in its background expiry cycle; only the server's internal timers use `CLOCK_MONOTONIC`. The
+//! client measures its validity deadline with its own monotonic clock, so a step of the *client's*
+//! wall clock changes nothing, while the server's clock must run at the right *rate* (within core's
+//! drift margin, 1 % of the TTL plus 2 ms) and must not *step*. What a step of the Redis host's clock
+//! does (each found by stepping a real `redis-server`'s clock under libfaketime, and held by a test):
+//!
+//! - **Forward by D**: every lease on that server loses D at once. An entry with less than D left is
+//!   expired by the next script that touches its name (or by Redis expiring the key); the next waiter
+//!   is granted at its next check, a new request at once, while the holder's guard still reports the
+//!   lock valid: two holders, until the holder's next renewal finds its entry gone and turns the guard
+//!   Lost. A live holder renews every TTL/3, so it has about two thirds of its TTL left at the least
+//!   (less a round trip, and less again while renewals fail): a smaller step — to be safe, one below
+//!   half the TTL — is absorbed by the next renewal, which counts from the new time; a step of a whole
+//!   TTL or more breaks every lock held on the server. Tokens keep increasing.
+//! - **Back by D**: exclusion holds (leases get longer, not shorter), and tokens keep increasing on
+//!   every name that has entries, or whose counters the clock has not passed yet (the hash keeps them
+//!   until it does). Two things break. A crashed holder's entry lives D longer by the server's clock,
+//!   so the next waiter waits up to TTL + D instead of TTL (Liveness A stretched by D). And a name that
+//!   was idle when the clock stepped back has nothing left that remembers its last token, so its next
+//!   grant takes its token from the earlier clock: up to D *lower* than tokens issued before the step —
+//!   tokens can repeat or go backwards until the clock catches up. A resource that keeps the highest
+//!   token it saw then rejects the new holder's writes; one that only compares with the previous
+//!   writer's token can accept writes out of order.
+//!
+//! A clock that ran ahead and is then corrected is a step back by as much as it was ahead. Keep lock
+//! servers' clocks slewed (chrony or ntpd, with `makestep` confined to boot), never set by `date -s`
+//! or `ntpdate` while the server runs; a VM that is resumed or migrated may also have its clock
+//! stepped.
 #![warn(missing_docs)]
 
 mod conn;

@@ -20,7 +20,8 @@
 //! # Time
 //! Scripts read the server clock with `TIME` (allowed: Redis ≥ 5 replicates scripts by their effects).
 //! Expiry is in microseconds of server time, so the store never drops an entry before `ttl` after it
-//! received the request that created or renewed it.
+//! received the request that created or renewed it — by the server's wall clock, which must not step
+//! (the crate docs' *Clocks* section says what a step does).
 
 use dlock_core::LockMode;
 

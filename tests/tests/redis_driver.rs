@@ -1,6 +1,7 @@
 //! Redis driver specifics, on real servers: the Lua twin of the grant rule, a contract smoke set on a
-//! single server and on a 3-master cluster, ACL and TLS, owner isolation, no keys left behind, and
-//! wake-ups by pub/sub and by lease expiry.
+//! single server and on a 3-master cluster, ACL and TLS, owner isolation, no keys left behind,
+//! wake-ups by pub/sub and by lease expiry, restarts with and without persistence, and steps of the
+//! server's wall clock (under libfaketime).
 //!
 //! Waits for conditions are bounded loops; the only timeouts are hang guards far above what any step
 //! needs, never assertions about how fast something happened.
@@ -8,11 +9,17 @@
 use std::future::IntoFuture;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use dlock::{Error, LockMode, Locks};
 use dlock_core::grant::{self, QueueEntry};
-use dlock_core::{Driver, EntryKey, EntryRequest, Grant, LockName, OwnerId, Queued};
+use dlock_core::lease::drift_margin;
+use dlock_core::{
+    Driver, EntryKey, EntryRequest, Grant, Guard, LeaseState, LockName, OwnerId, Queued,
+};
 use dlock_redis::RedisDriver;
+use dlock_tests::harness::redis::{ClockStep, RedisPersistence};
 use dlock_tests::harness::{self, Backend, RedisCluster, RedisServer, RespValue};
 use dlock_tests::suite::eventually;
 use proptest::prelude::*;
@@ -1013,4 +1020,414 @@ async fn tls_cluster() -> Result<()> {
     let tls = cluster.tls().context("TLS files")?;
     let url = cluster_url(&cluster, &format!("?tls_ca={}", tls.ca_cert.display()));
     lock_and_handoff(&url).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restarts: with and without persistence
+// ---------------------------------------------------------------------------------------------
+
+/// Waits until `guard` either confirms a renewal sent at or after `since` (Held, with a validity
+/// deadline only such a renewal gives) or turns Lost; `true` for the renewal.
+async fn renewed_since(guard: &Guard, ttl: Duration, since: Instant) -> Result<bool> {
+    let fresh = since + ttl - drift_margin(ttl);
+    let mut status = guard.watch();
+    let seen = within(
+        "a renewal after the restart, or Lost",
+        status.wait_for(|s| {
+            (s.state == LeaseState::Held && s.valid_until >= fresh) || s.state == LeaseState::Lost
+        }),
+    )
+    .await??
+    .state;
+    Ok(seen == LeaseState::Held)
+}
+
+/// Waits until each client's command connection works again after a server restart: the first
+/// command on a connection the server dropped fails (transiently) and reconnects.
+async fn reconnected(clients: &[&Locks]) -> Result<()> {
+    for locks in clients {
+        eventually("client reconnected after the restart", || async {
+            Ok(locks
+                .driver()
+                .inspect(&name("reconnect-probe"))
+                .await
+                .is_ok())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// `try_acquire` by another client must not succeed while `holder` may still rely on its lock.
+async fn no_second_holder(other: &Locks, lock: &str, holder: &Guard) -> Result<()> {
+    match other.lock(lock).mode(EX).ttl(LONG_TTL).try_acquire().await {
+        Err(e) if e.is_would_block() => Ok(()),
+        Err(e) => Err(e.into()),
+        Ok(second) => {
+            let valid = holder.is_valid();
+            second.release().await?;
+            ensure!(
+                !valid,
+                "{lock}: granted to a second client while the holder's guard is valid"
+            );
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_aof_always_keeps_every_grant() -> Result<()> {
+    if !harness::require(Backend::Redis) {
+        return Ok(());
+    }
+    const TTL: Duration = Duration::from_secs(5);
+    let server = RedisServer::builder()
+        .persistence(RedisPersistence::AofAlways)
+        .start()
+        .await?;
+    let a = Locks::new(RedisDriver::connect(&server.url()).await?);
+    let b = Locks::new(RedisDriver::connect(&server.url()).await?);
+    let lock = "restart/aof";
+    let held = a.lock(lock).mode(EX).ttl(TTL).await?;
+    // A reader queued behind it is persisted too, in its place.
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.lock(lock).mode(PR).ttl(LONG_TTL).await }
+    });
+    eventually("reader queued", || async {
+        Ok(a.driver().inspect(&name(lock)).await?.len() == 2)
+    })
+    .await?;
+
+    server.kill()?; // SIGKILL: no shutdown, no final fsync
+    server.restart().await?; // same data directory: the AOF is loaded before PING answers
+    let back = Instant::now();
+    reconnected(&[&a, &b]).await?;
+    no_second_holder(&b, lock, &held).await?;
+    let queue = a.driver().inspect(&name(lock)).await?;
+    ensure!(
+        queue.len() == 2
+            && queue[0].owner == held.entry_key().owner
+            && queue[0].granted
+            && queue[0].mode == EX
+            && queue[1].mode == PR
+            && !queue[1].granted,
+        "the queue after the restart: {queue:?}"
+    );
+
+    if renewed_since(&held, TTL, back).await? {
+        // The holder's renewals succeed again; the lock is still its own.
+        no_second_holder(&b, lock, &held).await?;
+        ensure!(held.is_valid());
+    } else {
+        // The restart outlasted the lease: the holder saw Lost first, only then may others get it.
+        ensure!(!held.is_valid());
+    }
+    let token = held.fencing_token();
+    held.release().await?;
+    // The queued reader, whose wait spanned the restart, is granted next.
+    let reader = within("the reader queued before the restart", waiter).await???;
+    ensure!(reader.mode() == PR && reader.fencing_token() > token);
+    reader.release().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_persistence_forgets_grants_as_documented() -> Result<()> {
+    if !harness::require(Backend::Redis) {
+        return Ok(());
+    }
+    let server = RedisServer::start().await?; // no RDB, no AOF
+    let a_driver = RedisDriver::connect(&server.url()).await?;
+    let a = Locks::new(a_driver.clone());
+    let b = Locks::new(RedisDriver::connect(&server.url()).await?);
+    let lock = "restart/none";
+    // Its keeper renews at TTL/3: not before the second grant below.
+    let held = a.lock(lock).mode(EX).ttl(LONG_TTL).await?;
+
+    server.kill()?;
+    server.restart().await?;
+    reconnected(&[&a, &b]).await?;
+    // The store has forgotten the grant: a second client gets the lock at once …
+    let second = b.lock(lock).mode(EX).ttl(LONG_TTL).try_acquire().await?;
+    // … while the first guard still reports it valid: two EX holders. This is the weakening the
+    // driver documents for a restart without persistence.
+    ensure!(
+        held.is_valid() && held.status().state == LeaseState::Held,
+        "the first guard: {:?}",
+        held.status()
+    );
+    // Fencing still orders them: tokens restart from the server clock, above the old ones, so a
+    // resource that checks tokens rejects the first holder's writes from now on.
+    ensure!(
+        second.fencing_token() > held.fencing_token(),
+        "token {} after the restart, {} before",
+        second.fencing_token(),
+        held.fencing_token()
+    );
+    // The first holder learns at its next renewal, which finds its entry gone.
+    ensure!(a_driver
+        .renew(held.entry_key(), LONG_TTL)
+        .await
+        .unwrap_err()
+        .is_lost());
+    second.release().await?;
+    drop(held);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clock steps on the Redis host (libfaketime)
+// ---------------------------------------------------------------------------------------------
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).expect("a test-sized duration")
+}
+
+async fn fake_clock_server() -> Result<RedisServer> {
+    RedisServer::builder().fake_clock(true).start().await
+}
+
+/// The entry's lease expiry as stored (µs of server time); see the `lua` module's storage format.
+async fn stored_expiry(server: &RedisServer, driver: &RedisDriver, key: &EntryKey) -> Result<i64> {
+    let reply = server
+        .command(&["HGET", &driver.queue_key(&key.name), key.owner.as_str()])
+        .await?;
+    let entry = reply.as_text()?;
+    let expiry = entry
+        .split(' ')
+        .nth(4)
+        .with_context(|| format!("entry {entry:?}"))?;
+    Ok(expiry.parse()?)
+}
+
+/// What Redis 7 reads its time from: `TIME`, `TIME` inside a script and key expiry (passive and
+/// active) all follow the wall clock (`CLOCK_REALTIME`), which libfaketime steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_time_and_key_expiry_follow_the_wall_clock() -> Result<()> {
+    if !harness::require(Backend::Redis) {
+        return Ok(());
+    }
+    let server = fake_clock_server().await?;
+    let script_time = || async {
+        let reply = server
+            .command(&[
+                "EVAL",
+                "local t = redis.call('TIME') return t[1] * 1000000 + t[2]",
+                "0",
+            ])
+            .await?;
+        match reply {
+            RespValue::Integer(us) => Ok::<i64, anyhow::Error>(us),
+            other => bail!("EVAL TIME replied {other:?}"),
+        }
+    };
+
+    // Forward: TIME (also a script's) jumps, and a key with 10 s left expires at once — read or not.
+    ensure!(
+        server
+            .command(&["SET", "ten-seconds", "1", "PX", "10000"])
+            .await?
+            == RespValue::Simple("OK".into())
+    );
+    ensure!(
+        server
+            .command(&["SET", "untouched", "1", "PX", "10000"])
+            .await?
+            == RespValue::Simple("OK".into())
+    );
+    let before = script_time().await?;
+    server
+        .step_clock(ClockStep::Forward(Duration::from_secs(60)))
+        .await?;
+    ensure!(script_time().await? - before >= 60_000_000);
+    ensure!(server.command(&["PTTL", "ten-seconds"]).await? == RespValue::Integer(-2));
+    // Active expiry (serverCron) removes the other one without anyone reading it.
+    eventually("active expiry after the forward step", || async {
+        Ok(server.command(&["DBSIZE"]).await? == RespValue::Integer(0))
+    })
+    .await?;
+
+    // Backward: a key's remaining time grows by the step.
+    ensure!(
+        server
+            .command(&["SET", "stretched", "1", "PX", "10000"])
+            .await?
+            == RespValue::Simple("OK".into())
+    );
+    server
+        .step_clock(ClockStep::Back(Duration::from_secs(100)))
+        .await?;
+    match server.command(&["PTTL", "stretched"]).await? {
+        RespValue::Integer(ms) if ms > 100_000 => {}
+        other => bail!("PTTL after stepping back 100 s: {other:?}"),
+    }
+    ensure!(server.clock_offset_micros() == Some(-40_000_000));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_clock_step_beyond_the_lease_grants_a_second_holder_as_documented() -> Result<()> {
+    if !harness::require(Backend::Redis) {
+        return Ok(());
+    }
+    let server = fake_clock_server().await?;
+    let a_driver = RedisDriver::connect(&server.url()).await?;
+    let a = Locks::new(a_driver.clone());
+    let b = Locks::new(RedisDriver::connect(&server.url()).await?);
+    let lock = "clock/forward";
+    let ttl = Duration::from_secs(60); // renewed at 20 s: not within this test's steps
+    let held = a.lock(lock).mode(EX).ttl(ttl).await?;
+
+    // The server's clock jumps past the whole lease: the entry counts as expired at once.
+    server.step_clock(ClockStep::Forward(ttl * 2)).await?;
+    let second = b.lock(lock).mode(EX).ttl(ttl).try_acquire().await?;
+    ensure!(
+        held.is_valid() && held.status().state == LeaseState::Held,
+        "two EX holders expected, the first guard is {:?}",
+        held.status()
+    );
+    // Tokens go on increasing: the clock moved forward.
+    ensure!(second.fencing_token() > held.fencing_token());
+    // The first holder finds out at its next renewal, after the second was granted.
+    ensure!(a_driver
+        .renew(held.entry_key(), ttl)
+        .await
+        .unwrap_err()
+        .is_lost());
+    second.release().await?;
+    drop(held);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_clock_step_within_the_lease_is_absorbed_by_the_next_renewal() -> Result<()> {
+    if !harness::require(Backend::Redis) {
+        return Ok(());
+    }
+    let server = fake_clock_server().await?;
+    let a_driver = RedisDriver::connect(&server.url()).await?;
+    let a = Locks::new(a_driver.clone());
+    let b = Locks::new(RedisDriver::connect(&server.url()).await?);
+    let lock = "clock/forward-small";
+    // Renewed every 2 s, so at least ~4 s of the lease is always left in the store.
+    let ttl = Duration::from_secs(6);
+    let step = Duration::from_secs(1);
+    let held = a.lock(lock).mode(EX).ttl(ttl).await?;
+
+    let before = stored_expiry(&server, &a_driver, held.entry_key()).await?;
+    let stepped = Instant::now();
+    server.step_clock(ClockStep::Forward(step)).await?;
+    no_second_holder(&b, lock, &held).await?;
+    ensure!(held.is_valid());
+    // The next renewal counts from the stepped clock: the lease is whole again.
+    ensure!(
+        renewed_since(&held, ttl, stepped).await?,
+        "lost after a {step:?} step: {:?}",
+        held.status()
+    );
+    let after = stored_expiry(&server, &a_driver, held.entry_key()).await?;
+    ensure!(after >= before + micros(step), "expiry {before} → {after}");
+    no_second_holder(&b, lock, &held).await?;
+    held.release().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backward_clock_step_lets_an_idle_names_token_go_back_as_documented() -> Result<()> {
+    if !harness::require(Backend::Redis) {
+        return Ok(());
+    }
+    let server = fake_clock_server().await?;
+    let driver = RedisDriver::connect(&server.url()).await?;
+    let locks = Locks::new(driver.clone());
+    let lock = "clock/back-idle";
+
+    let first = locks.lock(lock).mode(EX).await?;
+    let t1 = first.fencing_token();
+    first.release().await?;
+    // Idle: nothing is left that remembers t1 …
+    let key = driver.queue_key(&name(lock));
+    ensure!(server.command(&["EXISTS", &key]).await? == RespValue::Integer(0));
+    // … so after the clock steps back, the next grant's token comes from the earlier clock.
+    server
+        .step_clock(ClockStep::Back(Duration::from_secs(100)))
+        .await?;
+    let second = locks.lock(lock).mode(EX).await?;
+    let t2 = second.fencing_token();
+    ensure!(
+        t2 < t1,
+        "token {t2} after {t1}: expected the documented break (a token lower than an earlier one)"
+    );
+    second.release().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backward_clock_step_while_held_keeps_exclusion_and_tokens() -> Result<()> {
+    if !harness::require(Backend::Redis) {
+        return Ok(());
+    }
+    let server = fake_clock_server().await?;
+    let driver = RedisDriver::connect(&server.url()).await?;
+    let a = Locks::new(driver.clone());
+    let b = Locks::new(RedisDriver::connect(&server.url()).await?);
+    let lock = "clock/back-held";
+    let ttl = Duration::from_secs(3);
+    let held = a.lock(lock).mode(EX).ttl(ttl).await?;
+    let t1 = held.fencing_token();
+
+    let stepped = Instant::now();
+    server
+        .step_clock(ClockStep::Back(Duration::from_secs(100)))
+        .await?;
+    no_second_holder(&b, lock, &held).await?;
+    ensure!(
+        renewed_since(&held, ttl, stepped).await?,
+        "{:?}",
+        held.status()
+    );
+    no_second_holder(&b, lock, &held).await?;
+    held.release().await?;
+    // The queue is empty but its counters are ahead of the stepped-back clock: the hash keeps them
+    // (until the clock passes them) instead of being deleted …
+    let key = driver.queue_key(&name(lock));
+    ensure!(server.command(&["EXISTS", &key]).await? == RespValue::Integer(1));
+    // … so the next token is still above every earlier one.
+    let next = b.lock(lock).mode(EX).ttl(ttl).await?;
+    ensure!(
+        next.fencing_token() > t1,
+        "{} after {t1}",
+        next.fencing_token()
+    );
+    next.release().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backward_clock_step_stretches_a_crashed_holders_lease_as_documented() -> Result<()> {
+    if !harness::require(Backend::Redis) {
+        return Ok(());
+    }
+    let server = fake_clock_server().await?;
+    let driver = RedisDriver::connect(&server.url()).await?;
+    let lock = "clock/back-crashed";
+    let ttl = Duration::from_millis(500);
+    let step = Duration::from_secs(100);
+    // A holder that never renews, as after kill -9.
+    let crashed = key(lock, "crashed-1");
+    granted(driver.enqueue(&request(&crashed, EX, ttl)).await?)?;
+    server.step_clock(ClockStep::Back(step)).await?;
+    // By the server's clock the lease now ends a whole step later than it would have: the next
+    // waiter is granted after TTL + step, not TTL + ε (Liveness A is stretched by the step).
+    let left = stored_expiry(&server, &driver, &crashed).await? - server.time_micros().await?;
+    ensure!(left > micros(step), "{left} µs of the lease left");
+    let waiter = key(lock, "waiter-1");
+    ensure!(driver.enqueue(&request(&waiter, EX, LONG_TTL)).await? == Queued::Waiting);
+    // Stepping the clock forward again (here: back to real time) ends the stretched lease at once.
+    server.step_clock(ClockStep::Forward(step)).await?;
+    let g = within("waiter after the clock came back", driver.wait(&waiter)).await??;
+    ensure!(g.mode == EX);
+    driver.release(&waiter).await?;
+    Ok(())
 }

@@ -1,4 +1,10 @@
 //! The conformance factories of the Redis driver: a single server, and a 3-master Redis Cluster.
+//!
+//! Both run with the settings the driver's documentation asks lock stores to run with: the
+//! append-only file fsynced before every reply (`appendonly yes`, `appendfsync always`), so a store
+//! that is killed and restarted comes back with every grant it acknowledged. Without it a restart
+//! forgets every lock while their holders' guards are still valid, which the driver's own tests show
+//! (`restart_without_persistence_forgets_grants_as_documented`).
 
 use std::time::Duration;
 
@@ -7,6 +13,7 @@ use dlock_redis::RedisDriver;
 
 use super::memory::CuttableDriver;
 use super::{Factory, Link, ProxyLink, StoreFaults};
+use crate::harness::redis::RedisPersistence;
 use crate::harness::{self, Backend, RedisCluster, RedisServer, ServerProcess, TcpProxy};
 
 enum Topology {
@@ -25,9 +32,11 @@ pub async fn setup_single() -> anyhow::Result<Option<RedisFactory>> {
     if !harness::require(Backend::Redis) {
         return Ok(None);
     }
-    RedisFactory::new(Topology::Single(RedisServer::start().await?))
-        .await
-        .map(Some)
+    let server = RedisServer::builder()
+        .persistence(RedisPersistence::AofAlways)
+        .start()
+        .await?;
+    RedisFactory::new(Topology::Single(server)).await.map(Some)
 }
 
 /// Starts a 3-master Redis Cluster (the `setup` of the cluster suite).
@@ -35,7 +44,11 @@ pub async fn setup_cluster() -> anyhow::Result<Option<RedisFactory>> {
     if !harness::require(Backend::Redis) {
         return Ok(None);
     }
-    RedisFactory::new(Topology::Cluster(RedisCluster::start().await?))
+    let cluster = RedisServer::builder()
+        .persistence(RedisPersistence::AofAlways)
+        .start_cluster()
+        .await?;
+    RedisFactory::new(Topology::Cluster(cluster))
         .await
         .map(Some)
 }
