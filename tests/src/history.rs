@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
+use crate::suite::lost_replies::{LostReplies, ReplyFaults};
 use crate::suite::{within, Factory, Link};
 
 /// The shape of a random history.
@@ -30,6 +31,9 @@ pub struct Workload {
     pub faults: usize,
     /// Seed of the random choices (printed with the report, so a failure can be replayed).
     pub seed: u64,
+    /// The share of enqueue, convert, renew and release calls whose reply is lost after the store
+    /// applied them (half reported as errors, half never answered).
+    pub lost_replies: f64,
 }
 
 impl Default for Workload {
@@ -40,6 +44,7 @@ impl Default for Workload {
             names: 3,
             faults: 40,
             seed: rand::random(),
+            lost_replies: 0.01,
         }
     }
 }
@@ -84,8 +89,10 @@ pub struct Report {
     pub deadlocks: usize,
     /// Other errors (store unreachable while faults were on).
     pub errors: usize,
-    /// Faults injected.
+    /// Faults injected (link cuts and store pauses).
     pub faults: usize,
+    /// Replies lost after the store applied the call.
+    pub lost_replies: usize,
 }
 
 impl Report {
@@ -135,7 +142,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "history (seed {}): {} operations, {} granted intervals, {} would-block, {} timeouts, {} cancelled, {} lost, {} conversions, {} conversion deadlocks, {} store errors, {} faults injected",
+            "history (seed {}): {} operations, {} granted intervals, {} would-block, {} timeouts, {} cancelled, {} lost, {} conversions, {} conversion deadlocks, {} store errors, {} faults injected, {} replies lost",
             self.seed,
             self.operations,
             self.intervals.len(),
@@ -146,7 +153,8 @@ impl fmt::Display for Report {
             self.conversions,
             self.deadlocks,
             self.errors,
-            self.faults
+            self.faults,
+            self.lost_replies
         )
     }
 }
@@ -183,10 +191,17 @@ pub async fn run<F: Factory>(factory: &F, workload: Workload) -> Result<Report> 
         ..Report::default()
     }));
     let mut links: Vec<Arc<dyn Link>> = Vec::new();
+    let mut reply_faults = Vec::new();
     let mut clients = Vec::new();
     for id in 0..workload.clients {
         let (locks, link) = factory.partitionable_client().await?;
         links.push(Arc::from(link));
+        let faults = ReplyFaults::random(workload.seed ^ ((id as u64) << 8), workload.lost_replies);
+        reply_faults.push(Arc::clone(&faults));
+        let locks = Locks::from_arc(Arc::new(LostReplies::new(
+            Arc::clone(locks.driver()),
+            faults,
+        )));
         let report = report.clone();
         let rng = StdRng::seed_from_u64(workload.seed.wrapping_add(id as u64));
         clients.push(tokio::spawn(client_loop(
@@ -233,8 +248,25 @@ pub async fn run<F: Factory>(factory: &F, workload: Workload) -> Result<Report> 
     .await?;
     faulted?;
     finished?;
-    // With every fault healed, every lock must be free again (released, or expired as the backstop).
+    let finished_at = Instant::now();
+    // With every fault healed and every guard gone, nothing may stay queued past one TTL: entries
+    // whose release or cleanup was lost expire with their lease, which nobody renews any more.
     let fresh = factory.client().await?;
+    let give_up = finished_at + ttl + Duration::from_secs(1);
+    for name in 0..workload.names {
+        loop {
+            let left = fresh.inspect(&format!("h/{name}")).await?;
+            if left.is_empty() {
+                break;
+            }
+            ensure!(
+                Instant::now() < give_up,
+                "name h/{name} still has entries one TTL ({ttl:?}) + 1 s after the history ended: {left:?} (seed {})",
+                workload.seed
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     for name in 0..workload.names {
         within(
             Duration::from_secs(60),
@@ -245,7 +277,8 @@ pub async fn run<F: Factory>(factory: &F, workload: Workload) -> Result<Report> 
         .release()
         .await?;
     }
-    let report = std::mem::take(&mut *report.lock().expect("not poisoned"));
+    let mut report = std::mem::take(&mut *report.lock().expect("not poisoned"));
+    report.lost_replies = reply_faults.iter().map(|f| f.injected()).sum();
     Ok(report)
 }
 
@@ -308,22 +341,40 @@ async fn client_loop(
         let guard_id = ((id as u64) << 32) | op as u64;
         let mut start = Instant::now();
         if rng.random_bool(0.2) {
-            let target = random_mode(&mut rng);
-            let before = (guard.mode(), guard.fencing_token());
+            let held = guard.mode();
+            // The incomparable pair (PR and CW) gets a share of its own: it is where a client that
+            // cannot know the outcome must fall back to the meet.
+            let target = match held {
+                LockMode::PR if rng.random_bool(0.3) => LockMode::CW,
+                LockMode::CW if rng.random_bool(0.3) => LockMode::PR,
+                _ => random_mode(&mut rng),
+            };
+            let token = guard.fencing_token();
             let called = Instant::now();
+            push(
+                &report,
+                name,
+                guard_id,
+                held,
+                token,
+                start,
+                end_of(&guard, called),
+            );
             let converted = tokio::time::timeout(
                 Duration::from_millis(rng.random_range(5..60)),
                 guard.convert(target),
             )
             .await;
+            // While the conversion is in flight the holder may rely only on what both the old and
+            // the new mode allow.
             push(
                 &report,
                 name,
                 guard_id,
-                before.0,
-                before.1,
-                start,
-                end_of(&guard, called),
+                held.meet(target),
+                token,
+                called,
+                end_of(&guard, Instant::now()),
             );
             start = Instant::now();
             match converted {

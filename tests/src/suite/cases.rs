@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::lost_replies::{Call, LostReply, ReplyFaults};
 use super::{within, Factory};
 use crate::history;
 
@@ -638,4 +639,468 @@ pub async fn history_under_faults_is_linearizable<F: Factory>(f: &F) -> Result<(
         }
     );
     checked.map(drop)
+}
+
+/// A client whose driver loses the replies that `faults` picks, after the store applied the call.
+fn losing_replies(locks: &Locks, faults: &Arc<ReplyFaults>) -> Locks {
+    Locks::from_arc(Arc::new(super::lost_replies::LostReplies::new(
+        Arc::clone(locks.driver()),
+        Arc::clone(faults),
+    )))
+}
+
+/// An enqueue the store applied but whose reply was lost. Reported as an error: the cleanup removes
+/// the entry it left (granted, here) long before its lease could run out. Never answered: the
+/// acquire times out, and the entry, which no guard renews, is gone within two TTLs.
+pub async fn enqueue_with_a_lost_reply_leaves_nothing_queued<F: Factory>(f: &F) -> Result<()> {
+    let faults = ReplyFaults::new();
+    let a = losing_replies(&f.client().await?, &faults);
+    let b = f.client().await?;
+    faults.arm(Call::Enqueue, LostReply::Error);
+    let err = a.lock("lost/enqueue").ttl(LONG_TTL).await.err();
+    ensure!(
+        err.as_ref()
+            .is_some_and(|e| e.to_string().contains("injected fault")),
+        "the acquire must report the lost reply, got {err:?}"
+    );
+    queue_until(&b, "lost/enqueue", "the ghost entry is removed", |q| {
+        q.is_empty()
+    })
+    .await?;
+    b.lock("lost/enqueue")
+        .try_acquire()
+        .await?
+        .release()
+        .await?;
+
+    let ttl = f.short_ttl();
+    faults.arm(Call::Enqueue, LostReply::Dropped);
+    let sent = Instant::now();
+    let err = a.lock("lost/enqueue").ttl(ttl).timeout(ttl / 2).await.err();
+    ensure!(
+        err.as_ref().is_some_and(Error::is_timeout),
+        "an unanswered enqueue must time out, got {err:?}"
+    );
+    let next = within(
+        HANG,
+        "the ghost of an unanswered enqueue expires",
+        b.lock("lost/enqueue").ttl(LONG_TTL),
+    )
+    .await??;
+    let freed_after = sent.elapsed();
+    ensure!(
+        freed_after <= ttl * 2,
+        "the unanswered enqueue's entry held the name for {freed_after:?}; the bound is 2 × TTL ({ttl:?})"
+    );
+    next.release().await?;
+    Ok(())
+}
+
+/// Renewals and releases whose replies are lost (as errors, or never answered) are retried: the lock
+/// stays held through them, and the release takes effect.
+pub async fn renewals_and_releases_with_lost_replies_are_retried<F: Factory>(f: &F) -> Result<()> {
+    let ttl = f.short_ttl();
+    let faults = ReplyFaults::new();
+    let a = losing_replies(&f.client().await?, &faults);
+    let b = f.client().await?;
+    for reply in [LostReply::Error, LostReply::Dropped] {
+        let guard = a.lock("lost/renew").ttl(ttl).await?;
+        faults.arm(Call::Renew, reply);
+        let before = faults.injected();
+        // Time passing (renewals, one of them lost) is what this case tests.
+        tokio::time::sleep(ttl * 2).await;
+        ensure!(
+            faults.injected() == before + 1,
+            "the renewal fault did not strike"
+        );
+        ensure!(
+            guard.is_valid() && guard.status().state == LeaseState::Held,
+            "a renewal with a lost reply ({reply:?}) cost the lock: {:?}",
+            guard.status()
+        );
+        let err = b.lock("lost/renew").try_acquire().await.err();
+        ensure!(err.as_ref().is_some_and(Error::is_would_block), "{err:?}");
+        faults.arm(Call::Release, reply);
+        within(HANG, "a release with a lost reply", guard.release())
+            .await?
+            .with_context(|| format!("release with a lost reply ({reply:?})"))?;
+        b.lock("lost/renew").try_acquire().await?.release().await?;
+    }
+    Ok(())
+}
+
+/// A conversion between the incomparable modes `PR` and `CW` whose reply is lost leaves the guard on
+/// their meet, `CR` — the only mode compatible with whatever a neighbour holds beside either — and the
+/// store is brought to `CR` too.
+pub async fn incomparable_conversion_with_a_lost_reply_holds_the_meet<F: Factory>(
+    f: &F,
+) -> Result<()> {
+    use LockMode::*;
+    let faults = ReplyFaults::new();
+    let a = losing_replies(&f.client().await?, &faults);
+    let b = f.client().await?;
+    for (held, asked) in [(PR, CW), (CW, PR)] {
+        for reply in [LostReply::Error, LostReply::Dropped] {
+            let name = format!("lost/convert/{held}-{asked}-{reply:?}");
+            let mut guard = a.lock(&name).mode(held).ttl(LONG_TTL).await?;
+            faults.arm(Call::Convert, reply);
+            let converted = tokio::time::timeout(f.short_ttl(), guard.convert(asked)).await;
+            ensure!(
+                !matches!(converted, Ok(Ok(()))),
+                "{held}→{asked}: the conversion succeeded despite its lost reply"
+            );
+            ensure!(
+                guard.mode() == CR,
+                "{held}→{asked} with a lost reply ({reply:?}) left the guard claiming {}",
+                guard.mode()
+            );
+            queue_until(&b, &name, "the store settles on CR", |q| {
+                q.len() == 1 && q[0].mode == CR && q[0].granted && q[0].converting_to.is_none()
+            })
+            .await?;
+            // Newcomers in either mode fit beside what the guard claims now.
+            let rival = b.lock(&name).mode(held).ttl(LONG_TTL).try_acquire().await?;
+            rival.release().await?;
+            let rival = b
+                .lock(&name)
+                .mode(asked)
+                .ttl(LONG_TTL)
+                .try_acquire()
+                .await?;
+            rival.release().await?;
+            guard.release().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Guards abandoned without a release — dropped on a thread without a runtime, dropped with a client
+/// that is leaked, dropped while their runtime shuts down — free their lock within two TTLs, even
+/// while the same client keeps other locks alive.
+pub async fn abandoned_guards_free_the_lock_within_two_ttls<F: Factory + Sync>(
+    f: &F,
+) -> Result<()> {
+    let ttl = f.short_ttl();
+    let owner = f.client().await?;
+    let _busy = owner.lock("abandoned/busy").ttl(ttl).await?;
+    let b = f.client().await?;
+
+    // Dropped on a plain thread: the guard's drop cannot spawn its release.
+    let guard = owner.lock("abandoned/thread").ttl(ttl).await?;
+    let dropped = wait_behind(&b, "abandoned/thread").await?;
+    let dropped_at = Instant::now();
+    std::thread::spawn(move || drop(guard))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the dropping thread panicked"))?;
+    freed_within_two_ttls(
+        dropped,
+        dropped_at,
+        ttl,
+        "dropped on a thread without a runtime",
+    )
+    .await?;
+
+    // The client is leaked (its connections and background work live on, holding another lock)
+    // and the guard dropped without a runtime.
+    let leaked = f.client().await?;
+    let leaked_busy = leaked.lock("abandoned/leaked-busy").ttl(ttl).await?;
+    let guard = leaked.lock("abandoned/leaked").ttl(ttl).await?;
+    std::mem::forget(leaked);
+    std::mem::forget(leaked_busy);
+    let dropped = wait_behind(&b, "abandoned/leaked").await?;
+    let dropped_at = Instant::now();
+    std::thread::spawn(move || drop(guard))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the dropping thread panicked"))?;
+    freed_within_two_ttls(dropped, dropped_at, ttl, "dropped with a leaked client").await?;
+
+    // Held by a task of a runtime that shuts down: the task, its keeper and its release all die.
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let dropped = std::thread::scope(|scope| {
+        let worker = scope.spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let guard = rt.block_on(async {
+                let locks = f.client().await?;
+                anyhow::Ok(locks.lock("abandoned/shutdown").ttl(ttl).await?)
+            })?;
+            rt.spawn(async move {
+                let _held = guard;
+                std::future::pending::<()>().await
+            });
+            held_tx.send(())?;
+            // Drive the runtime (the keeper renews) until told to shut it down.
+            let _ = rt.block_on(shutdown_rx);
+            drop(rt);
+            Ok(())
+        });
+        let dropped = tokio::task::block_in_place(|| {
+            held_rx.recv()?;
+            let handle = tokio::runtime::Handle::current();
+            let waiter = handle.block_on(wait_behind(&b, "abandoned/shutdown"))?;
+            let dropped_at = Instant::now();
+            shutdown_tx
+                .send(())
+                .map_err(|_| anyhow::anyhow!("the runtime thread is gone"))?;
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("the runtime thread panicked"))??;
+            anyhow::Ok((waiter, dropped_at))
+        })?;
+        anyhow::Ok(dropped)
+    })?;
+    freed_within_two_ttls(
+        dropped.0,
+        dropped.1,
+        ttl,
+        "dropped while its runtime shut down",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Queues a waiter for `name` behind its holder; resolves to the instant it is granted.
+async fn wait_behind(
+    b: &Locks,
+    name: &str,
+) -> Result<tokio::task::JoinHandle<Result<(Instant, Guard)>>> {
+    let waiter = tokio::spawn({
+        let (b, name) = (b.clone(), name.to_owned());
+        async move {
+            let guard = b.lock(name).ttl(LONG_TTL).await?;
+            anyhow::Ok((Instant::now(), guard))
+        }
+    });
+    queue_until(b, name, "the waiter is queued behind the holder", |q| {
+        q.len() == 2
+    })
+    .await?;
+    Ok(waiter)
+}
+
+async fn freed_within_two_ttls(
+    waiter: tokio::task::JoinHandle<Result<(Instant, Guard)>>,
+    dropped_at: Instant,
+    ttl: Duration,
+    how: &str,
+) -> Result<()> {
+    let (granted_at, guard) = within(HANG, how, waiter).await???;
+    let held_for = granted_at - dropped_at;
+    ensure!(
+        held_for <= ttl * 2,
+        "a guard {how} held the lock for {held_for:?} after it was abandoned; the bound is 2 × TTL ({ttl:?})"
+    );
+    guard.release().await?;
+    Ok(())
+}
+
+/// A blocking acquire that asks again, for up to twice [`HANG`], when the store fails it (as a user
+/// would when a store error is not the fault under test).
+async fn acquire_asking_again(locks: &Locks, name: &str, ttl: Duration) -> Result<Guard> {
+    let give_up = Instant::now() + HANG * 2;
+    loop {
+        match locks.lock(name).ttl(ttl).await {
+            Ok(guard) => return Ok(guard),
+            Err(err) if Instant::now() < give_up => {
+                tracing::info!(error = %err, name, "the acquire fails; asking again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// The store is killed (SIGKILL) and started again on its data while a lock is held and waited for:
+/// the holder either keeps its lock (renewals succeed again, nobody else is granted) or sees `lost()`
+/// before anyone else is granted; the waiter is granted afterwards; nothing is left behind.
+pub async fn store_crash_and_restart_keeps_holders_safe<F: Factory>(f: &F) -> Result<()> {
+    let faults = f.faults().context("store faults")?;
+    let ttl = f.short_ttl();
+    let (a, b) = (f.client().await?, f.client().await?);
+    let guard = a.lock("restart").ttl(ttl).await?;
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move {
+            // The waiter's own lease may lapse while the store is down; like any user it asks again.
+            let guard = acquire_asking_again(&b, "restart", ttl).await?;
+            anyhow::Ok((Instant::now(), guard))
+        }
+    });
+    queue_until(&b, "restart", "the waiter is queued", |q| q.len() == 2).await?;
+    faults.crash_and_restart()?;
+    let restarted = Instant::now();
+    // Either a renewal sent after the restart is confirmed, or the lease is lost.
+    let mut status = guard.watch();
+    let settled = *within(
+        HANG * 2,
+        "the holder renews after the restart or loses",
+        async {
+            status
+                .wait_for(|s| {
+                    s.state == LeaseState::Lost
+                        || (s.state == LeaseState::Held
+                            && s.valid_until > restarted + ttl - drift_margin(ttl))
+                })
+                .await
+        },
+    )
+    .await??;
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "store restart: the holder {}",
+        if settled.state == LeaseState::Lost {
+            "lost its lock"
+        } else {
+            "kept its lock"
+        }
+    );
+    if settled.state == LeaseState::Lost {
+        let lost_at = Instant::now();
+        let (granted_at, next) = within(HANG * 2, "the waiter is granted", waiter).await???;
+        ensure!(
+            settled.valid_until <= granted_at && lost_at <= granted_at,
+            "the waiter was granted at {granted_at:?}, inside the lost holder's window ending {:?}",
+            settled.valid_until
+        );
+        ensure!(next.fencing_token() > guard.fencing_token());
+        next.release().await?;
+    } else {
+        ensure!(
+            !waiter.is_finished(),
+            "the waiter was granted while the holder kept its lock through the restart"
+        );
+        let c = f.client().await?;
+        let err = c.lock("restart").try_acquire().await.err();
+        ensure!(
+            err.as_ref().is_some_and(Error::is_would_block),
+            "a newcomer got a lock the holder kept through the restart: {err:?}"
+        );
+        let (released_at, token) = (Instant::now(), guard.fencing_token());
+        guard.release().await?;
+        let (granted_at, next) = within(HANG * 2, "the waiter is granted", waiter).await???;
+        ensure!(granted_at >= released_at);
+        ensure!(next.fencing_token() > token);
+        next.release().await?;
+    }
+    queue_until(&b, "restart", "nothing is left behind", |q| q.is_empty()).await?;
+    Ok(())
+}
+
+/// A register that accepts a write only with a fencing token at least as high as any it has seen:
+/// the storage side of fencing, which turns away a holder that does not know it lost its lock.
+#[derive(Debug, Default)]
+pub struct FencedRegister {
+    highest: u64,
+    value: Option<String>,
+}
+
+impl FencedRegister {
+    /// Writes `value` under `token`, or refuses it naming the newer token.
+    pub fn write(&mut self, token: u64, value: &str) -> Result<()> {
+        ensure!(
+            token >= self.highest,
+            "stale write refused: token {token} < {}",
+            self.highest
+        );
+        self.highest = token;
+        self.value = Some(value.to_owned());
+        Ok(())
+    }
+
+    /// The value last accepted.
+    pub fn value(&self) -> Option<&str> {
+        self.value.as_deref()
+    }
+}
+
+/// A holder process frozen (SIGSTOP) past its TTL while another client takes the lock and writes:
+/// once thawed, its guard says at once that the lock may not be relied on, reports `lost()`, and the
+/// fenced register turns its late write away by token.
+pub async fn paused_holder_process_is_refused_by_the_fenced_register<F: Factory>(
+    f: &F,
+) -> Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let url = f.url().context("a shared store has a URL")?;
+    let binary = HOLDER_BINARY
+        .get()
+        .context("set_holder_binary was not called")?;
+    let ttl = f.short_ttl().max(Duration::from_secs(2));
+    let mut holder = tokio::process::Command::new(binary)
+        .args(["--url", &url, "--name", "frozen", "--commands"])
+        .args(["--ttl-ms", &ttl.as_millis().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the holder process")?;
+    let pid = holder.id().context("the holder's pid")? as libc::pid_t;
+    let mut stdin = holder.stdin.take().context("holder stdin")?;
+    let mut lines = BufReader::new(holder.stdout.take().context("holder stdout")?).lines();
+    let mut next_line = async || {
+        within(HANG, "the holder answers", lines.next_line())
+            .await??
+            .context("the holder exited early")
+    };
+    let line = next_line().await?;
+    let holder_token: u64 = line
+        .strip_prefix("HELD ")
+        .with_context(|| format!("unexpected holder output {line:?}"))?
+        .parse()?;
+    let mut register = FencedRegister::default();
+    register.write(holder_token, "holder")?;
+
+    // SAFETY: signals a child process this case started and still owns.
+    ensure!(
+        unsafe { libc::kill(pid, libc::SIGSTOP) } == 0,
+        "SIGSTOP failed"
+    );
+    let b = f.client().await?;
+    let thaw = |pid| {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) }
+    };
+    let newer = match within(
+        HANG * 3,
+        "the frozen holder's lease runs out",
+        acquire_asking_again(&b, "frozen", LONG_TTL),
+    )
+    .await
+    {
+        Ok(Ok(guard)) => guard,
+        other => {
+            thaw(pid);
+            other??;
+            unreachable!("an error was returned above")
+        }
+    };
+    ensure!(newer.fencing_token() > holder_token);
+    register.write(newer.fencing_token(), "newer holder")?;
+    ensure!(thaw(pid) == 0, "SIGCONT failed");
+
+    stdin.write_all(b"WRITE\n").await?;
+    let (mut write_reply, mut lost) = (None, false);
+    while write_reply.is_none() || !lost {
+        let line = next_line().await?;
+        match line.as_str() {
+            "LOST" => lost = true,
+            reply if reply.starts_with("WRITE ") => write_reply = Some(reply.to_owned()),
+            other => bail!("unexpected holder output {other:?}"),
+        }
+    }
+    let reply = write_reply.expect("the loop ends with a reply");
+    ensure!(
+        reply == format!("WRITE {holder_token} false"),
+        "the thawed holder still trusted its lock: {reply:?}"
+    );
+    let refused = register.write(holder_token, "late write from the thawed holder");
+    ensure!(refused.is_err(), "the register took the stale write");
+    ensure!(register.value() == Some("newer holder"));
+    ensure!(newer.is_valid());
+    newer.release().await?;
+    drop(stdin);
+    holder.kill().await?;
+    Ok(())
 }

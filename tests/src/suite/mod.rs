@@ -9,6 +9,7 @@
 pub mod cases;
 pub mod etcd;
 pub mod jetstream;
+pub mod lost_replies;
 pub mod memory;
 pub mod redis;
 
@@ -37,6 +38,14 @@ pub trait StoreFaults: Sync {
     /// Thaws a paused store.
     fn resume(&self) -> anyhow::Result<()> {
         self.processes().into_iter().try_for_each(|p| p.resume())
+    }
+
+    /// Kills the store (SIGKILL on every server process) and starts every process again on its ports
+    /// and data. Waiting until it serves is left to the clients: their retries are under test.
+    fn crash_and_restart(&self) -> anyhow::Result<()> {
+        let processes = self.processes();
+        processes.iter().try_for_each(|p| p.kill())?;
+        processes.iter().try_for_each(|p| p.respawn())
     }
 }
 
@@ -91,7 +100,14 @@ pub fn requirement(case: &str) -> Option<Requirement> {
         "paused_store_makes_the_holder_lose_before_its_lease_ends" => {
             Some(Requirement::StoreFaults)
         }
-        "conversion_up_down_and_deadlock" => Some(Requirement::Conversion),
+        "conversion_up_down_and_deadlock"
+        | "incomparable_conversion_with_a_lost_reply_holds_the_meet" => {
+            Some(Requirement::Conversion)
+        }
+        "store_crash_and_restart_keeps_holders_safe" => Some(Requirement::StoreFaults),
+        "paused_holder_process_is_refused_by_the_fenced_register" => {
+            Some(Requirement::SharedBetweenProcesses)
+        }
         _ => None,
     }
 }
@@ -191,6 +207,12 @@ macro_rules! conformance_suite {
             invalid_names_are_rejected,
             separate_clients_contend_correctly,
             history_under_faults_is_linearizable,
+            enqueue_with_a_lost_reply_leaves_nothing_queued,
+            renewals_and_releases_with_lost_replies_are_retried,
+            incomparable_conversion_with_a_lost_reply_holds_the_meet,
+            abandoned_guards_free_the_lock_within_two_ttls,
+            store_crash_and_restart_keeps_holders_safe,
+            paused_holder_process_is_refused_by_the_fenced_register,
         );
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -254,6 +276,12 @@ pub const ALL_CASES: &[&str] = &[
     "invalid_names_are_rejected",
     "separate_clients_contend_correctly",
     "history_under_faults_is_linearizable",
+    "enqueue_with_a_lost_reply_leaves_nothing_queued",
+    "renewals_and_releases_with_lost_replies_are_retried",
+    "incomparable_conversion_with_a_lost_reply_holds_the_meet",
+    "abandoned_guards_free_the_lock_within_two_ttls",
+    "store_crash_and_restart_keeps_holders_safe",
+    "paused_holder_process_is_refused_by_the_fenced_register",
 ];
 
 /// Emits `$body` unless `$case` is in the skip list (a helper of [`conformance_suite!`]).
@@ -293,5 +321,11 @@ macro_rules! __if_same_ident {
     (invalid_names_are_rejected, invalid_names_are_rejected, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
     (separate_clients_contend_correctly, separate_clients_contend_correctly, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
     (history_under_faults_is_linearizable, history_under_faults_is_linearizable, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
+    (enqueue_with_a_lost_reply_leaves_nothing_queued, enqueue_with_a_lost_reply_leaves_nothing_queued, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
+    (renewals_and_releases_with_lost_replies_are_retried, renewals_and_releases_with_lost_replies_are_retried, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
+    (incomparable_conversion_with_a_lost_reply_holds_the_meet, incomparable_conversion_with_a_lost_reply_holds_the_meet, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
+    (abandoned_guards_free_the_lock_within_two_ttls, abandoned_guards_free_the_lock_within_two_ttls, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
+    (store_crash_and_restart_keeps_holders_safe, store_crash_and_restart_keeps_holders_safe, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
+    (paused_holder_process_is_refused_by_the_fenced_register, paused_holder_process_is_refused_by_the_fenced_register, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
     ($a:ident, $b:ident, { $($then:tt)* }, { $($else:tt)* }) => { $($else)* };
 }
