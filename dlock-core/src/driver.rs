@@ -102,6 +102,11 @@ pub struct EntryInfo {
     pub granted: bool,
     /// A pending conversion.
     pub converting_to: Option<LockMode>,
+    /// The fencing token of the entry's current grant, as [`Grant::token`] gave it to the holder
+    /// (while a conversion is pending, the token of the mode still held). `None` for an entry that is
+    /// not granted yet, and for a driver whose store does not keep the token where `inspect` can read
+    /// it.
+    pub token: Option<u64>,
 }
 
 /// What a driver promises. Conformance tests skip, visibly, only what a driver does not claim.

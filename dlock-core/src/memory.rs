@@ -288,6 +288,7 @@ impl Driver for MemoryDriver {
                         mode: e.queue.mode,
                         granted: e.queue.granted,
                         converting_to: e.queue.converting_to,
+                        token: e.queue.granted.then_some(e.token),
                     })
                     .collect()
             })

@@ -170,6 +170,7 @@ impl Entry {
             mode: self.value.mode,
             granted: self.value.granted,
             converting_to: self.value.converting_to,
+            token: self.value.granted.then(|| self.token()),
         }
     }
 }

@@ -1320,6 +1320,7 @@ impl Driver for JetStreamDriver {
                 mode: e.queue.mode,
                 granted: e.queue.granted,
                 converting_to: e.queue.converting_to,
+                token: e.queue.granted.then_some(e.token),
             })
             .collect())
     }

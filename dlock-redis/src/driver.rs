@@ -452,7 +452,7 @@ impl Driver for RedisDriver {
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
         let reply = self.call(&self.inner.scripts.inspect, name, &[]).await?;
         reply
-            .chunks(5)
+            .chunks(6)
             .map(|e| {
                 let owner = string(e.first())?;
                 Ok(EntryInfo {
@@ -468,6 +468,10 @@ impl Driver for RedisDriver {
                     converting_to: match int(e.get(4))? {
                         -1 => None,
                         m => Some(mode(m)?),
+                    },
+                    token: match int(e.get(5))? {
+                        0 => None,
+                        t => Some(u64::try_from(t).map_err(|_| unexpected(&e[5]))?),
                     },
                 })
             })

@@ -441,7 +441,8 @@ finish(st)
 return reply
 "#;
 
-/// `KEYS[1]` queue; `ARGV`: channel. Replies `owner, seq, mode, granted, conv` per entry, in order.
+/// `KEYS[1]` queue; `ARGV`: channel. Replies `owner, seq, mode, granted, conv, token` per entry, in
+/// order (`token` is the current grant's, `0` while waiting).
 const INSPECT: &str = r#"
 local st = open(KEYS[1], ARGV[1])
 settle(st)
@@ -452,6 +453,7 @@ for _, e in ipairs(st.q) do
   out[#out + 1] = e.mode
   out[#out + 1] = e.granted and 1 or 0
   out[#out + 1] = e.conv or -1
+  out[#out + 1] = e.granted and e.tok or 0
 end
 finish(st)
 return out
