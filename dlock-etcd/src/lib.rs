@@ -427,6 +427,20 @@ impl EtcdDriver {
             .map_err(|e| pool::to_error(e, self.inner.user.as_deref()))
     }
 
+    /// The version of the etcd member this driver currently talks to, as its `Status` call reports
+    /// it (for example `3.5.17`). Asked anew on every call: one request to that member.
+    pub async fn server_version(&self) -> Result<String> {
+        let status = self
+            .inner
+            .pool
+            .call("status", self.inner.pool.timeout(), |client| async move {
+                client.maintenance_client().status().await
+            })
+            .await
+            .map_err(|e| pool::to_error(e, self.inner.user.as_deref()))?;
+        Ok(status.version().to_owned())
+    }
+
     /// The key prefix (`prefix=` in the URL; `dlock` by default).
     pub fn prefix(&self) -> &str {
         &self.inner.prefix

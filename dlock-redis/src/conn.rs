@@ -279,13 +279,21 @@ impl Subscriber {
     }
 }
 
+/// What [`connect`] opened and learned.
+pub(crate) struct Connected {
+    pub commands: Commands,
+    pub subscriber: Subscriber,
+    /// `redis_version` from `INFO server` on the first node; `None` when the user may not run `INFO`.
+    pub server_version: Option<String>,
+}
+
 /// Connects to a single node or a cluster: a command connection, and a subscriber connection whose
 /// pushes go to `on_push`.
 pub(crate) async fn connect(
     target: &Target,
     timeouts: Timeouts,
     on_push: impl Fn(PushInfo) + Send + Sync + 'static,
-) -> Result<(Commands, Subscriber)> {
+) -> Result<Connected> {
     if target.certs.is_some()
         || matches!(target.nodes[0].addr(), redis::ConnectionAddr::TcpTls { .. })
     {
@@ -293,7 +301,7 @@ pub(crate) async fn connect(
         // exists. An application that installed its own keeps it.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
-    probe(target, timeouts).await?;
+    let server_version = probe(target, timeouts).await?;
     let push = move |info: PushInfo| {
         on_push(info);
         Ok::<(), std::convert::Infallible>(())
@@ -322,7 +330,11 @@ pub(crate) async fn connect(
             .get_async_connection()
             .await
             .map_err(backend)?;
-        Ok((Commands::Cluster(commands), Subscriber::Cluster(subscriber)))
+        Ok(Connected {
+            commands: Commands::Cluster(commands),
+            subscriber: Subscriber::Cluster(subscriber),
+            server_version,
+        })
     } else {
         let info = &target.nodes[0];
         let config = ConnectionManagerConfig::new()
@@ -340,13 +352,18 @@ pub(crate) async fn connect(
         )
         .await
         .map_err(backend)?;
-        Ok((Commands::Single(commands), Subscriber::Single(subscriber)))
+        Ok(Connected {
+            commands: Commands::Single(commands),
+            subscriber: Subscriber::Single(subscriber),
+            server_version,
+        })
     }
 }
 
 /// One plain connection to the first node: fails fast and clearly on bad credentials (the managed
-/// connections retry with backoff) and refuses servers too old for the scripts.
-async fn probe(target: &Target, timeouts: Timeouts) -> Result<()> {
+/// connections retry with backoff) and refuses servers too old for the scripts. Returns the server's
+/// version, unless the user may not run `INFO`.
+async fn probe(target: &Target, timeouts: Timeouts) -> Result<Option<String>> {
     let client = client(target.nodes[0].clone(), &target.certs)?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeouts.connect))
@@ -362,14 +379,15 @@ async fn probe(target: &Target, timeouts: Timeouts) -> Result<()> {
     {
         Ok(info) => info,
         // An ACL user may lack INFO; the scripts will tell if the server is too old.
-        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) => return Ok(None),
         Err(e) => return Err(backend(e)),
     };
     let version = info
         .lines()
         .find_map(|l| l.strip_prefix("redis_version:"))
-        .map(str::trim)
-        .unwrap_or("0");
+        .map(str::trim);
+    let known = version.map(str::to_owned);
+    let version = version.unwrap_or("0");
     let major: u32 = version
         .split('.')
         .next()
@@ -384,7 +402,7 @@ async fn probe(target: &Target, timeouts: Timeouts) -> Result<()> {
             ),
         });
     }
-    Ok(())
+    Ok(known)
 }
 
 fn is_auth_failure(err: &RedisError) -> bool {

@@ -36,6 +36,7 @@ struct Inner {
     response_timeout: Duration,
     cluster: bool,
     capabilities: Capabilities,
+    server_version: Option<String>,
 }
 
 impl fmt::Debug for RedisDriver {
@@ -97,7 +98,7 @@ impl RedisDriverBuilder {
         check_prefix(&self.url, &prefix)?;
         let registry = Arc::new(Registry::default());
         let weak = Arc::downgrade(&registry);
-        let (commands, subscriber) = conn::connect(&target, self.timeouts, move |push| {
+        let connected = conn::connect(&target, self.timeouts, move |push| {
             if let Some(registry) = weak.upgrade() {
                 registry.dispatch(push);
             }
@@ -110,14 +111,15 @@ impl RedisDriverBuilder {
         });
         Ok(RedisDriver {
             inner: Arc::new(Inner {
-                commands,
-                wakeups: Wakeups::new(registry, subscriber),
+                commands: connected.commands,
+                wakeups: Wakeups::new(registry, connected.subscriber),
                 scripts,
                 prefix,
                 poll_interval: self.poll_interval,
                 response_timeout: self.timeouts.response,
                 cluster: target.cluster,
                 capabilities: capabilities(),
+                server_version: connected.server_version,
             }),
         })
     }
@@ -183,6 +185,13 @@ impl RedisDriver {
                 response: Duration::from_secs(2),
             },
         }
+    }
+
+    /// The version of the Redis server, as its `INFO server` reported it when the driver connected
+    /// (`redis_version`; for a cluster, that of the first node in the URL). `None` when the URL's
+    /// ACL user may not run `INFO`.
+    pub fn server_version(&self) -> Option<&str> {
+        self.inner.server_version.as_deref()
     }
 
     /// The Redis key holding `name`'s queue: `{<prefix>:<encoded name>}:q`.
