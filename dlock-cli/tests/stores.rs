@@ -240,6 +240,38 @@ async fn no_wait_is_busy_and_timeout_times_out(store: &Store) -> Result<()> {
     Ok(())
 }
 
+/// SIGTERM to a `dlock exec` that waits in line: it gives up with 128 + 15 without running the
+/// command, and its queue entry is gone when it exits.
+async fn a_signal_while_waiting_gives_up_and_leaves_nothing_queued(store: &Store) -> Result<()> {
+    let scene = Scene::new()?;
+    let locks = store.client().await?;
+    let holder = locks.lock("waiting").await?;
+    let ran = scene.path("ran");
+    let waiter = dlock()
+        .env("DLOCK_URL", &store.url)
+        .args(["exec", "waiting", "--"])
+        .arg("touch")
+        .arg(&ran)
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    queued(&locks, "waiting", 2).await?;
+    let pid = waiter.id().context("dlock's pid")? as i32;
+    // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child's.
+    ensure!(unsafe { libc::kill(pid, libc::SIGTERM) } == 0);
+    let out = finish(waiter).await?;
+    ensure!(code(&out) == 128 + 15, "{out:?}");
+    let line = one_line_error(&out)?;
+    ensure!(
+        line.contains("SIGTERM") && line.contains("waiting"),
+        "{line}"
+    );
+    ensure!(!exists(&ran), "the command ran without the lock");
+    let queue = locks.inspect("waiting").await?;
+    ensure!(queue.len() == 1 && queue[0].granted, "{queue:?}");
+    holder.release().await?;
+    Ok(())
+}
+
 /// `kill -9` of a `dlock exec`: its command dies with it, and a waiter is granted within TTL + 1 s.
 async fn kill_9_frees_the_lock_within_ttl_and_stops_the_command(store: &Store) -> Result<()> {
     let scene = Scene::new()?;
@@ -576,6 +608,7 @@ on_every_store!(
         exclusive_execs_never_overlap,
         protected_readers_overlap,
         no_wait_is_busy_and_timeout_times_out,
+        a_signal_while_waiting_gives_up_and_leaves_nothing_queued,
         kill_9_frees_the_lock_within_ttl_and_stops_the_command,
         sigterm_reaches_the_command_and_releases_at_once,
         a_lost_lease_stops_the_command_with_the_lost_status,
