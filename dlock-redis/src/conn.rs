@@ -244,11 +244,28 @@ pub(crate) enum Commands {
 
 impl Commands {
     pub(crate) async fn invoke(&self, call: &redis::ScriptInvocation<'_>) -> Result<Value> {
+        // A connection the server dropped (it restarted, or its node failed over) fails the next
+        // command while the client reconnects. Every dlock script is safe to run twice, so one that
+        // failed that way is sent again, a few times, before the caller hears of it.
+        let mut pause = Duration::from_millis(20);
+        for _ in 0..3 {
+            match self.invoke_once(call).await {
+                Err(err) if err.is_connection_dropped() => {
+                    tracing::debug!(error = %err, "dlock-redis: connection dropped; sending the script again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 3;
+                }
+                other => return other.map_err(backend),
+            }
+        }
+        self.invoke_once(call).await.map_err(backend)
+    }
+
+    async fn invoke_once(&self, call: &redis::ScriptInvocation<'_>) -> redis::RedisResult<Value> {
         match self {
             Commands::Single(c) => call.invoke_async(&mut c.clone()).await,
             Commands::Cluster(c) => call.invoke_async(&mut c.clone()).await,
         }
-        .map_err(backend)
     }
 }
 
