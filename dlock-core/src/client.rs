@@ -79,25 +79,30 @@ impl Locks {
     }
 
     /// A request for several locks at once, taken one by one in canonical (sorted) order so that two
-    /// callers asking for overlapping sets cannot deadlock. Duplicate names are taken once.
+    /// callers asking for overlapping sets cannot deadlock. Each name is a plain name (taken in the
+    /// request's [mode](LockAllRequest::mode)) or a `(name, mode)` pair; a name listed twice is taken
+    /// once, in the [join](LockMode::join) of its modes.
     ///
     /// ```
-    /// use dlock_core::{Locks, MemoryDriver};
+    /// use dlock_core::{LockMode, Locks, MemoryDriver};
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> dlock_core::Result<()> {
     /// let locks = Locks::new(MemoryDriver::new());
     /// let guards = locks.lock_all(["account/b", "account/a"]).await?;
     /// assert_eq!(guards[0].name().as_str(), "account/a");
+    /// drop(guards);
+    /// let mixed = locks.lock_all([("ledger", LockMode::PR), ("account/a", LockMode::EX)]).await?;
+    /// assert_eq!(mixed[1].mode(), LockMode::PR);
     /// # Ok(()) }
     /// ```
     pub fn lock_all<I, S>(&self, names: I) -> LockAllRequest
     where
         I: IntoIterator<Item = S>,
-        S: Into<String>,
+        S: Into<LockSpec>,
     {
         LockAllRequest {
             locks: self.clone(),
-            names: names.into_iter().map(Into::into).collect(),
+            specs: names.into_iter().map(Into::into).collect(),
             options: Options::default(),
         }
     }
@@ -135,10 +140,10 @@ impl std::fmt::Debug for Locks {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Options {
-    mode: LockMode,
-    ttl: Duration,
-    timeout: Option<Duration>,
+pub(crate) struct Options {
+    pub(crate) mode: LockMode,
+    pub(crate) ttl: Duration,
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl Default for Options {
@@ -182,9 +187,9 @@ impl Options {
 /// call [`LockRequest::try_acquire`] to take it only if it is free now.
 #[must_use = "a lock request does nothing until awaited or try_acquire()d"]
 pub struct LockRequest {
-    locks: Locks,
-    name: String,
-    options: Options,
+    pub(crate) locks: Locks,
+    pub(crate) name: String,
+    pub(crate) options: Options,
 }
 
 impl LockRequest {
@@ -277,7 +282,12 @@ fn outcome_label(result: &Result<Guard>) -> &'static str {
     }
 }
 
-async fn acquire(locks: Locks, name: String, options: Options, wait: bool) -> Result<Guard> {
+pub(crate) async fn acquire(
+    locks: Locks,
+    name: String,
+    options: Options,
+    wait: bool,
+) -> Result<Guard> {
     let caps = &locks.inner.capabilities;
     let span = tracing::debug_span!("dlock.acquire", name = %name, mode = %options.mode, wait);
     let mut outcome = Outcome {
@@ -429,18 +439,76 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A request for several locks, built by [`Locks::lock_all`]. Awaiting it yields the guards in
+/// One name of a [`Locks::lock_all`] request: a name alone (taken in the request's mode), or a name with
+/// its own mode.
+///
+/// ```
+/// use dlock_core::{LockMode, LockSpec};
+/// let plain: LockSpec = "account/a".into();
+/// let read: LockSpec = ("account/b", LockMode::PR).into();
+/// assert_eq!(read.mode(), Some(LockMode::PR));
+/// assert_eq!(plain.mode(), None);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockSpec {
+    name: String,
+    mode: Option<LockMode>,
+}
+
+impl LockSpec {
+    /// The lock name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The mode asked for this name, if it has its own.
+    pub fn mode(&self) -> Option<LockMode> {
+        self.mode
+    }
+}
+
+impl From<&str> for LockSpec {
+    fn from(name: &str) -> Self {
+        LockSpec {
+            name: name.to_owned(),
+            mode: None,
+        }
+    }
+}
+
+impl From<String> for LockSpec {
+    fn from(name: String) -> Self {
+        LockSpec { name, mode: None }
+    }
+}
+
+impl From<&String> for LockSpec {
+    fn from(name: &String) -> Self {
+        name.as_str().into()
+    }
+}
+
+impl<S: Into<String>> From<(S, LockMode)> for LockSpec {
+    fn from((name, mode): (S, LockMode)) -> Self {
+        LockSpec {
+            name: name.into(),
+            mode: Some(mode),
+        }
+    }
+}
+
+/// A request for several locks, built by [`Locks::lock_all`]. Awaiting it yields the [`Guards`] in
 /// canonical order, every one of them valid; if any lock cannot be taken, or one taken early was lost
 /// while waiting for a later one, the ones already taken are released.
 #[must_use = "a lock request does nothing until awaited"]
 pub struct LockAllRequest {
-    locks: Locks,
-    names: Vec<String>,
-    options: Options,
+    pub(crate) locks: Locks,
+    pub(crate) specs: Vec<LockSpec>,
+    pub(crate) options: Options,
 }
 
 impl LockAllRequest {
-    /// The mode to hold on every name (default `EX`).
+    /// The mode of every name that does not name its own (default `EX`).
     pub fn mode(mut self, mode: LockMode) -> Self {
         self.options.mode = mode;
         self
@@ -457,25 +525,34 @@ impl LockAllRequest {
         self.options.timeout = Some(timeout);
         self
     }
+
+    /// The names in canonical (sorted) order, each once, in the join of the modes it was asked in.
+    pub(crate) fn canonical(&self) -> Result<Vec<(LockName, LockMode)>> {
+        let mut wanted = std::collections::BTreeMap::<LockName, LockMode>::new();
+        for spec in &self.specs {
+            let name = LockName::new(&spec.name)?;
+            let mode = spec.mode.unwrap_or(self.options.mode);
+            wanted
+                .entry(name)
+                .and_modify(|m| *m = m.join(mode))
+                .or_insert(mode);
+        }
+        Ok(wanted.into_iter().collect())
+    }
 }
 
 impl IntoFuture for LockAllRequest {
-    type Output = Result<Vec<Guard>>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Result<Vec<Guard>>> + Send>>;
+    type Output = Result<Guards>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Guards>> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let mut names = self
-                .names
-                .iter()
-                .map(LockName::new)
-                .collect::<Result<Vec<_>>>()?;
-            names.sort();
-            names.dedup();
+            let wanted = self.canonical()?;
             let started = Instant::now();
-            let mut guards = Vec::with_capacity(names.len());
-            for name in names {
+            let mut guards = Vec::with_capacity(wanted.len());
+            for (name, mode) in wanted {
                 let mut options = self.options;
+                options.mode = mode;
                 if let Some(timeout) = options.timeout {
                     options.timeout = Some(timeout.saturating_sub(started.elapsed()));
                 }
@@ -489,7 +566,73 @@ impl IntoFuture for LockAllRequest {
                     name: dead.name().to_string(),
                 });
             }
-            Ok(guards)
+            Ok(Guards(guards))
         })
+    }
+}
+
+/// The guards of a [`Locks::lock_all`] request, in canonical order. Dropping the set releases every
+/// lock in the background; [`Guards::lost`] fires when any of them is lost.
+///
+/// ```
+/// use dlock_core::{LockMode, Locks, MemoryDriver};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> dlock_core::Result<()> {
+/// let locks = Locks::new(MemoryDriver::new());
+/// let all = locks
+///     .lock_all([("account/b", LockMode::EX), ("account/a", LockMode::PR)])
+///     .await?;
+/// assert_eq!(all[0].name().as_str(), "account/a");
+/// assert_eq!(all[0].mode(), LockMode::PR);
+/// tokio::select! {
+///     _ = all.lost() => eprintln!("a lock was lost: stop the transfer"),
+///     _ = async { /* move money from a to b */ } => {}
+/// }
+/// all.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Guards(Vec<Guard>);
+
+impl Guards {
+    /// Resolves once any of the locks is lost (never, for an empty set).
+    pub async fn lost(&self) {
+        if self.0.is_empty() {
+            return std::future::pending().await;
+        }
+        futures::future::select_all(self.0.iter().map(|g| Box::pin(g.lost()))).await;
+    }
+
+    /// Whether every lock may still be relied on.
+    pub fn is_valid(&self) -> bool {
+        self.0.iter().all(Guard::is_valid)
+    }
+
+    /// Releases every lock; the first error, if any, after trying them all.
+    pub async fn release(self) -> Result<()> {
+        let outcomes = futures::future::join_all(self.0.into_iter().map(Guard::release)).await;
+        outcomes.into_iter().collect()
+    }
+
+    /// The guards, in canonical order.
+    pub fn into_vec(self) -> Vec<Guard> {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Guards {
+    type Target = [Guard];
+
+    fn deref(&self) -> &[Guard] {
+        &self.0
+    }
+}
+
+impl IntoIterator for Guards {
+    type Item = Guard;
+    type IntoIter = std::vec::IntoIter<Guard>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
     }
 }

@@ -96,6 +96,20 @@ pub enum Error {
         to: LockMode,
     },
 
+    /// A session refused a request that could deadlock: the lock asked for does not rank above every
+    /// lock the session holds or is taking. Nothing was queued.
+    #[error("lock {requested:?} (rank {requested_rank}) was asked for while this session holds {held:?} (rank {held_rank}); a session takes locks in rising rank only: release {held:?} first, or take both at once with lock_all")]
+    OrderViolation {
+        /// The lock asked for.
+        requested: String,
+        /// Its rank in the session's order.
+        requested_rank: String,
+        /// The held lock of the highest rank.
+        held: String,
+        /// Its rank.
+        held_rank: String,
+    },
+
     /// The store failed or could not be reached.
     #[error("lock store error ({driver}): {message}")]
     Backend {

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use crate::driver::{EntryKey, Queued};
 use crate::lease::{release_in_background, release_with_retries, Lease, LeaseState, LeaseStatus};
 use crate::metrics as m;
+use crate::session::Reservation;
 use crate::{Error, LockMode, LockName, Result};
 
 /// A held lock. Dropping it releases the lock in the background; [`Guard::release`] releases it and
@@ -43,6 +44,8 @@ pub struct Guard {
     released: bool,
     /// Brings the store to the fallback mode after a conversion that ended without a definite answer.
     reconcile: Option<JoinHandle<()>>,
+    /// The session rank this lock takes, given back when the guard ends.
+    _rank: Option<Reservation>,
 }
 
 impl Guard {
@@ -60,7 +63,14 @@ impl Guard {
             granted_at: Instant::now(),
             released: false,
             reconcile: None,
+            _rank: None,
         }
+    }
+
+    /// The guard of a lock taken in a session, which keeps `rank` until the guard ends.
+    pub(crate) fn holding(mut self, rank: Reservation) -> Self {
+        self._rank = Some(rank);
+        self
     }
 
     /// The lock name.

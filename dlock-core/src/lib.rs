@@ -32,8 +32,9 @@ mod memory;
 pub mod metrics;
 mod mode;
 mod name;
+mod session;
 
-pub use client::{LockAllRequest, LockRequest, Locks, DEFAULT_TTL};
+pub use client::{Guards, LockAllRequest, LockRequest, LockSpec, Locks, DEFAULT_TTL};
 pub use driver::{Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued};
 pub use error::{Error, Result};
 pub use guard::Guard;
@@ -41,3 +42,4 @@ pub use lease::{LeaseState, LeaseStatus};
 pub use memory::MemoryDriver;
 pub use mode::LockMode;
 pub use name::LockName;
+pub use session::{LockOrder, Session, SessionLockRequest};

@@ -119,6 +119,31 @@ impl LockMode {
             .expect("the modes form a lattice: any two have a greatest lower bound")
     }
 
+    /// The join of two modes in the strength lattice: the weakest mode that is stronger than or equal
+    /// to both, e.g. `PW` for `PR` and `CW`. Holding it allows everything either mode allows; a name
+    /// asked for twice in one request is taken once in the join.
+    ///
+    /// ```
+    /// use dlock_core::LockMode::*;
+    /// assert_eq!(PR.join(CW), PW);
+    /// assert_eq!(CR.join(PR), PR);
+    /// assert_eq!(NL.join(EX), EX);
+    /// ```
+    pub fn join(self, other: LockMode) -> LockMode {
+        let upper_bounds = LockMode::ALL
+            .map(|m| (self.is_weaker_or_equal(m) && other.is_weaker_or_equal(m)).then_some(m));
+        upper_bounds
+            .into_iter()
+            .flatten()
+            .find(|&m| {
+                upper_bounds
+                    .into_iter()
+                    .flatten()
+                    .all(|u| m.is_weaker_or_equal(u))
+            })
+            .expect("the modes form a lattice: any two have a least upper bound")
+    }
+
     /// The short name: `NL`, `CR`, `CW`, `PR`, `PW` or `EX`.
     pub const fn short_name(self) -> &'static str {
         match self {
@@ -281,6 +306,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn join_is_the_least_upper_bound_of_every_pair() {
+        for a in LockMode::ALL {
+            for b in LockMode::ALL {
+                let j = a.join(b);
+                assert!(
+                    a.is_weaker_or_equal(j) && b.is_weaker_or_equal(j),
+                    "{a}∨{b} = {j}"
+                );
+                assert_eq!(j, b.join(a));
+                for u in LockMode::ALL {
+                    if a.is_weaker_or_equal(u) && b.is_weaker_or_equal(u) {
+                        assert!(
+                            j.is_weaker_or_equal(u),
+                            "{u} is above {a} and {b} but not {j}"
+                        );
+                    }
+                }
+                // Whoever the join admits, both modes admit.
+                for other in LockMode::ALL {
+                    if other.compatible_with(j) {
+                        assert!(other.compatible_with(a) && other.compatible_with(b));
+                    }
+                }
+            }
+        }
+        assert_eq!(PR.join(CW), PW);
+        assert_eq!(CW.join(PR), PW);
     }
 
     #[test]
