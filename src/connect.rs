@@ -14,6 +14,7 @@ use dlock_core::{Error, Locks, MemoryDriver, Result};
 /// | `redis://`, `rediss://`, `redis+cluster://`, `rediss+cluster://` | Redis (see `dlock_redis`) | `redis` |
 /// | `etcd://h1:p1,h2:p2`, `etcds://…` | etcd v3 (see `dlock_etcd`) | `etcd` |
 /// | `nats://…`, `tls://…` | NATS JetStream (see `dlock_jetstream`) | `jetstream` |
+/// | `quorum:URL1;URL2;URL3` | a majority [`Quorum`](dlock_core::Quorum) over the member stores, each given by its own URL (an odd number, at least three; any of the schemes above) | those of the members |
 ///
 /// A scheme whose driver is not compiled in is refused with an error that names the feature to enable.
 ///
@@ -27,6 +28,9 @@ use dlock_core::{Error, Locks, MemoryDriver, Result};
 /// # drop(held); Ok(()) }
 /// ```
 pub async fn connect(url: &str) -> Result<Locks> {
+    if let Some(members) = url.strip_prefix("quorum:") {
+        return connect_quorum(url, members).await;
+    }
     let (scheme, rest) = url.split_once("://").ok_or_else(|| Error::InvalidUrl {
         url: url.to_owned(),
         reason: "expected SCHEME://…, for example mem:// or redis://127.0.0.1:6379".into(),
@@ -56,6 +60,26 @@ pub async fn connect(url: &str) -> Result<Locks> {
             ),
         }),
     }
+}
+
+async fn connect_quorum(url: &str, members: &str) -> Result<Locks> {
+    let mut drivers = Vec::new();
+    for member in members.split(';') {
+        if member.is_empty() || member.starts_with("quorum:") {
+            return Err(Error::InvalidUrl {
+                url: url.to_owned(),
+                reason: "a quorum lists its member stores' URLs separated by ';', e.g. \
+                         quorum:redis://10.0.0.1:6379;redis://10.0.0.2:6379;redis://10.0.0.3:6379 \
+                         (a member cannot itself be a quorum)"
+                    .into(),
+            });
+        }
+        let member = Box::pin(connect(member)).await?;
+        drivers.push(std::sync::Arc::clone(member.driver()));
+    }
+    Ok(Locks::from_arc(std::sync::Arc::new(
+        dlock_core::Quorum::from_arcs(drivers)?,
+    )))
 }
 
 fn memory_store(name: &str) -> Result<MemoryDriver> {

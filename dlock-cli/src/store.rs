@@ -226,6 +226,10 @@ impl Driver for Tracking {
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
         self.driver.inspect(name).await
     }
+
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        self.driver.raise_fence(name, floor).await
+    }
 }
 
 #[cfg(test)]

@@ -204,6 +204,21 @@ pub trait Driver: Send + Sync + 'static {
 
     /// The live entries of a name's queue, in queue order.
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>>;
+
+    /// Raises the name's *fence register* to at least `floor` and returns its value afterwards (`0`
+    /// for a register never raised; `raise_fence(name, 0)` reads it).
+    ///
+    /// The register is a number kept per name, apart from the queue, that only ever grows and is
+    /// never expired: [`Quorum`](crate::Quorum) writes it on a majority of its members to make
+    /// fencing tokens comparable across stores whose own tokens are not.
+    ///
+    /// Atomic: a concurrent raise never lowers it, and the answer is at least `floor` (a driver whose
+    /// store weakens this says where). Durable as far as the store persists data. Kept where no lock
+    /// name's keys can be, so it neither shows in [`Driver::inspect`] nor changes a grant. Required of
+    /// every driver, wrappers included (a wrapper forwards it): a store that cannot keep one answers
+    /// [`Error::Unsupported`](crate::Error::Unsupported), and cannot be a quorum member with
+    /// fencing.
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64>;
 }
 
 #[async_trait]
@@ -228,5 +243,8 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
     }
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
         (**self).inspect(name).await
+    }
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        (**self).raise_fence(name, floor).await
     }
 }

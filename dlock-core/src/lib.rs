@@ -32,6 +32,7 @@ mod memory;
 pub mod metrics;
 mod mode;
 mod name;
+pub mod quorum;
 mod session;
 
 pub use client::{Guards, LockAllRequest, LockRequest, LockSpec, Locks, DEFAULT_TTL};
@@ -42,4 +43,5 @@ pub use lease::{LeaseState, LeaseStatus};
 pub use memory::MemoryDriver;
 pub use mode::LockMode;
 pub use name::LockName;
+pub use quorum::Quorum;
 pub use session::{LockOrder, Session, SessionLockRequest};

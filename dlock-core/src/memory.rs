@@ -48,6 +48,8 @@ struct State {
     next_seq: u64,
     /// One counter for every name: tokens then increase with every grant, conflicting or not.
     last_token: u64,
+    /// The fence registers ([`Driver::raise_fence`]).
+    fences: HashMap<LockName, u64>,
 }
 
 #[derive(Default)]
@@ -271,6 +273,13 @@ impl Driver for MemoryDriver {
         state.settle(&key.name, now);
         let entry = state.find(key).expect("a granted entry stays queued");
         Ok(granted(entry).map_or(Queued::Waiting, Queued::Granted))
+    }
+
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        let mut state = self.lock_state();
+        let register = state.fences.entry(name.clone()).or_default();
+        *register = (*register).max(floor);
+        Ok(*register)
     }
 
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {

@@ -134,6 +134,10 @@ impl Driver for Partitionable {
         self.gate().await;
         self.store.inspect(name).await
     }
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        self.gate().await;
+        self.store.raise_fence(name, floor).await
+    }
 }
 
 fn name(s: &str) -> LockName {

@@ -12,7 +12,7 @@ use etcd_client::{
 };
 use tokio::time::Instant;
 
-use crate::entry::{blocks, entry_key, name_prefix, Entry, Value, View};
+use crate::entry::{blocks, entry_key, fence_key, name_prefix, Entry, Value, View};
 use crate::lease::{Lease, Leases, RefreshError, Why};
 use crate::pool::{to_error, CallError, Pool};
 use crate::tracked::Table;
@@ -629,6 +629,86 @@ impl Inner {
         let view = self.read_view(name).await.map_err(|e| self.error(e))?;
         Ok(view.entries.iter().map(Entry::info).collect())
     }
+
+    /// Raises the name's fence register (`<prefix>/<encoded name>.fence`, a decimal number with no
+    /// lease) to at least `floor`: a linearizable read, then, if it is lower, a put guarded on the
+    /// key's mod revision (version 0 while it is absent), so a concurrent raise is never undone; a
+    /// lost race reads the winner's value from the same transaction and goes again.
+    pub async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        let key = fence_key(&self.prefix, name);
+        let resp = self
+            .pool
+            .call("read the fence register", self.pool.timeout(), |client| {
+                let key = key.clone();
+                async move { client.kv_client().get(key, None).await }
+            })
+            .await
+            .map_err(|e| self.error(e))?;
+        let mut current = fence_value(name, resp.kvs().first())?;
+        for _ in 0..MAX_ROUNDS {
+            let (value, mod_revision) = current;
+            if value >= floor {
+                return Ok(value);
+            }
+            // A put repeated on another member after a lost answer fails this guard, and the
+            // re-read below then finds the value it wrote.
+            let guard = if mod_revision == 0 {
+                Compare::version(key.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)
+            };
+            let txn = Txn::new()
+                .when([guard])
+                .and_then([TxnOp::put(key.clone(), floor.to_string(), None)])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let resp = self
+                .txn("raise the fence register", txn)
+                .await
+                .map_err(|e| self.error(e))?;
+            if resp.succeeded() {
+                return Ok(floor);
+            }
+            let found = resp.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => Some(get),
+                _ => None,
+            });
+            current = match found {
+                Some(get) => fence_value(name, get.kvs().first())?,
+                None => {
+                    return Err(Error::backend_msg(
+                        DRIVER,
+                        "etcd answered a failed transaction without its read",
+                    ))
+                }
+            };
+        }
+        Err(Error::backend_msg(
+            DRIVER,
+            format!(
+                "gave up raising the fence register of lock {name:?} after {MAX_ROUNDS} attempts: it kept changing"
+            ),
+        ))
+    }
+}
+
+/// A fence register's value and mod revision (`(0, 0)` when absent).
+fn fence_value(name: &LockName, kv: Option<&etcd_client::KeyValue>) -> Result<(u64, i64)> {
+    let Some(kv) = kv else {
+        return Ok((0, 0));
+    };
+    let value = std::str::from_utf8(kv.value())
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            Error::backend_msg(
+                DRIVER,
+                format!(
+                    "the fence register of lock {name:?} holds {:?}, not a number",
+                    String::from_utf8_lossy(kv.value())
+                ),
+            )
+        })?;
+    Ok((value, kv.mod_revision()))
 }
 
 /// How one wait step failed.

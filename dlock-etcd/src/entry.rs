@@ -10,6 +10,13 @@ pub(crate) fn name_prefix(prefix: &str, name: &LockName) -> String {
     format!("{prefix}/{}/", name.encoded())
 }
 
+/// `<prefix>/<encoded name>.fence`: the name's fence register. Encoded names contain neither `.` nor
+/// `/`, so this key lies outside every name's range `<prefix>/<encoded name>/` (and no other name's
+/// register can be it): no queue read or grant guard ever sees it.
+pub(crate) fn fence_key(prefix: &str, name: &LockName) -> String {
+    format!("{prefix}/{}.fence", name.encoded())
+}
+
 /// `<prefix>/<encoded name>/<owner>`.
 pub(crate) fn entry_key(prefix: &str, key: &EntryKey) -> String {
     format!("{}{}", name_prefix(prefix, &key.name), key.owner)

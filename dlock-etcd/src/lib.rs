@@ -51,8 +51,15 @@
 //! `PR!` (granted), `PR!1207>EX` (granted PR with token 1207, converting to EX). Keys under the prefix
 //! that do not look like this (a deeper path, an invalid owner, another value, no lease) are ignored.
 //!
-//! Nothing else is stored: a released lock leaves no key, and the entries of a crashed client vanish
-//! with its lease.
+//! A released lock leaves no entry key, and the entries of a crashed client vanish with its lease.
+//!
+//! A name used through a [`Quorum`](dlock_core::Quorum) also has a *fence register*
+//! ([`Driver::raise_fence`]), the key `<prefix>/<name>.fence`: a decimal number that only ever
+//! grows, attached to no lease (it never expires, and etcd keeps it across restarts like any key). Encoded names contain neither `.` nor `/`, so it lies outside
+//! every name's range `<prefix>/<name>/`: queue reads and the grant transactions' guards never see
+//! it. It is raised by a linearizable read and a put guarded on its mod revision (version 0 while
+//! absent), repeated when another client raised it in between, so a concurrent raise is never
+//! undone. It is the one key an idle name keeps. Nothing else is stored.
 //!
 //! # Operations
 //!
@@ -517,5 +524,9 @@ impl Driver for EtcdDriver {
 
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
         self.inner.inspect(name).await
+    }
+
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        self.inner.raise_fence(name, floor).await
     }
 }

@@ -22,7 +22,7 @@ use dlock_core::{
 use tokio::time::Instant;
 
 use crate::config::{Auth, LeaseMode, Settings};
-use crate::layout::{clock_subject, Entry, EntryDoc, HeadDoc, NameSubjects};
+use crate::layout::{clock_subject, Entry, EntryDoc, FenceDoc, HeadDoc, NameSubjects};
 use crate::watch::Watches;
 
 pub(crate) const DRIVER: &str = "jetstream";
@@ -632,14 +632,29 @@ impl Inner {
     /// The head that counts, given the last message on the head subject: with verified writes, a head
     /// counts only if no other message came between its base and it; otherwise the first message after
     /// that base is the one that won, and is checked the same way.
-    async fn resolve_head(&self, subject: &str, mut msg: StreamMessage) -> Result<StreamMessage> {
+    async fn resolve_head(&self, subject: &str, msg: StreamMessage) -> Result<StreamMessage> {
+        self.resolve(subject, msg, |payload| {
+            serde_json::from_slice::<HeadDoc>(payload)
+                .ok()
+                .map(|doc| doc.base)
+        })
+        .await
+    }
+
+    /// The write that counts, given the last message on a subject whose messages name their base
+    /// (`base_of`; `None`: the message counts as it is): see [`Inner::resolve_head`].
+    async fn resolve(
+        &self,
+        subject: &str,
+        mut msg: StreamMessage,
+        base_of: impl Fn(&[u8]) -> Option<u64>,
+    ) -> Result<StreamMessage> {
         if !self.verify {
             return Ok(msg);
         }
         for _ in 0..VERIFY_HISTORY {
-            let base = match serde_json::from_slice::<HeadDoc>(&msg.payload) {
-                Ok(doc) => doc.base,
-                Err(_) => return Ok(msg),
+            let Some(base) = base_of(&msg.payload) else {
+                return Ok(msg);
             };
             match self.first_from(subject, base + 1).await? {
                 Some(first) if first.sequence == msg.sequence => return Ok(msg),
@@ -657,6 +672,25 @@ impl Inner {
         subject: String,
         message: PublishMessage,
     ) -> std::result::Result<u64, PublishError> {
+        // "No responders" (reported as no stream for the subject) means no server stored the
+        // message: in a cluster it is seen for a moment while the stream's interest moves between
+        // servers (an election, a restart, a loaded node). Sending it again is safe.
+        let mut pause = Duration::from_millis(20);
+        for _ in 0..4 {
+            match self
+                .js
+                .send_publish(subject.clone(), message.clone())
+                .await?
+                .await
+            {
+                Err(err) if err.kind() == PublishErrorKind::StreamNotFound => {
+                    tracing::debug!(%subject, "dlock-jetstream: no responders; publishing again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 3;
+                }
+                other => return Ok(other?.sequence),
+            }
+        }
         let ack = self.js.send_publish(subject, message).await?.await?;
         Ok(ack.sequence)
     }
@@ -1072,6 +1106,88 @@ impl Inner {
         }
     }
 
+    /// Reads a fence register through the leader: its value (0 when never raised) and the sequence
+    /// of the last message on its subject (0: none), which the next write expects. With verified
+    /// writes, the value is that of the write that counts (see [`Inner::resolve`]).
+    async fn read_fence(&self, name: &LockName, subject: &str) -> Result<(u64, u64)> {
+        let Some(msg) = self.last(subject).await? else {
+            return Ok((0, 0));
+        };
+        let last = msg.sequence;
+        let msg = self
+            .resolve(subject, msg, |payload| {
+                serde_json::from_slice::<FenceDoc>(payload)
+                    .ok()
+                    .map(|doc| doc.base)
+            })
+            .await?;
+        if is_marker(&msg) {
+            // Only an operator's purge or delete can leave one: the register is gone.
+            return Ok((0, last));
+        }
+        let doc: FenceDoc = serde_json::from_slice(&msg.payload).map_err(|e| {
+            backend_msg(format!(
+                "the fence register {subject} (sequence {}) is not a dlock fence register: {e}",
+                msg.sequence
+            ))
+        })?;
+        if doc.name != name.as_str() {
+            return Err(backend_msg(format!(
+                "the lock names {:?} and {:?} hash to the same subject token (SHA-256 collision); refusing to merge their fence registers",
+                doc.name.chars().take(64).collect::<String>(),
+                name.as_str().chars().take(64).collect::<String>()
+            )));
+        }
+        Ok((doc.value, last))
+    }
+
+    /// Raises a fence register: read it, and if it is below `floor`, write `floor` with
+    /// compare-and-set on the last message read; a lost compare-and-set reads again. With verified
+    /// writes, a write that the server took counts only if it is the first message after the one its
+    /// writer read (the register then never reads lower because of a racing write of a lower value,
+    /// see the crate docs for the one exception); one that does not count reads again.
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        let subject = self.subjects(name).fence();
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt >= 3 {
+                // Many clients raising one register at once: spread the retries out.
+                let spread = rand_millis(u64::from(attempt).min(40));
+                tokio::time::sleep(Duration::from_millis(spread)).await;
+            }
+            let (value, last) = self.read_fence(name, &subject).await?;
+            if value >= floor {
+                return Ok(value);
+            }
+            let doc = FenceDoc {
+                v: 1,
+                name: name.as_str().to_owned(),
+                value: floor,
+                base: last,
+            };
+            let payload = serde_json::to_vec(&doc).expect("fence docs serialize");
+            // No `Nats-TTL`, and the stream has no age limit: the register never expires.
+            let msg = PublishMessage::build()
+                .payload(payload.into())
+                .expected_last_subject_sequence(last);
+            match self.publish(subject.clone(), msg).await {
+                Ok(seq) if self.verify => {
+                    let first = self.first_from(&subject, last + 1).await?;
+                    if first.is_some_and(|f| f.sequence == seq) {
+                        return Ok(floor);
+                    }
+                    // Another write landed between our base and ours: it counts, ours does not.
+                    tracing::debug!(name = %name, floor, "dlock-jetstream: a fence register write raced with another and does not count; reading again");
+                }
+                Ok(_) => return Ok(floor),
+                Err(err) if is_wrong_last_sequence(&err) => {}
+                Err(err) => return Err(backend(err)),
+            }
+        }
+        Err(backend_msg(format!(
+            "gave up raising the fence register of lock {name:?} after {MAX_ATTEMPTS} attempts lost to concurrent raises"
+        )))
+    }
+
     /// The own entry as the store has it now, if it is live.
     async fn read_entry(&self, subject: &str) -> Result<Option<Cached>> {
         let Some(msg) = self.last(subject).await? else {
@@ -1323,6 +1439,10 @@ impl Driver for JetStreamDriver {
                 token: e.queue.granted.then_some(e.token),
             })
             .collect())
+    }
+
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        self.inner.raise_fence(name, floor).await
     }
 }
 

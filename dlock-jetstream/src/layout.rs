@@ -37,6 +37,10 @@ pub(crate) struct NameSubjects {
 /// The last token of the queue head's subject. Owner ids never contain `_`, so it cannot be an owner.
 const HEAD_TOKEN: &str = "_q";
 
+/// The last two tokens of the fence register's subject: one token more than a name's head and
+/// entries, so the name's watch (`<prefix>.<token>.*`) never matches it.
+const FENCE_TOKENS: &str = "_fence.r";
+
 impl NameSubjects {
     pub(crate) fn new(prefix: &str, name: &LockName) -> Self {
         NameSubjects {
@@ -54,7 +58,14 @@ impl NameSubjects {
         format!("{}.{}", self.base, owner.as_str())
     }
 
-    /// `<prefix>.<token>.*`: everything about the name, for the watch.
+    /// `<prefix>.<token>._fence.r`: the name's fence register (`Driver::raise_fence`), apart from its
+    /// queue. Inside the stream's `<prefix>.>`, but outside the name's watch (one token more than
+    /// `<prefix>.<token>.*` matches) and distinct from `<prefix>._clock` (two tokens).
+    pub(crate) fn fence(&self) -> String {
+        format!("{}.{FENCE_TOKENS}", self.base)
+    }
+
+    /// `<prefix>.<token>.*`: everything about the name's queue, for the watch.
     pub(crate) fn all(&self) -> String {
         format!("{}.*", self.base)
     }
@@ -111,6 +122,22 @@ pub(crate) struct HeadEntry {
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
+}
+
+/// A fence register message's payload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct FenceDoc {
+    /// Format version.
+    pub v: u32,
+    /// The full lock name, so that a digest collision is detected.
+    pub name: String,
+    /// The register's value from this write on.
+    pub value: u64,
+    /// The sequence of the register message this one follows (0: none), as read by its writer. Where
+    /// the server's compare-and-set cannot be trusted, a write counts only if it is the first message
+    /// on the subject after its base, as for heads.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub base: u64,
 }
 
 /// An entry message's payload.
@@ -191,6 +218,48 @@ mod tests {
         assert_eq!(s.entry(&owner), "dlock.a%2Eb.abc-1");
         assert!(!NameSubjects::is_head(&s.entry(&owner)));
         assert_eq!(s.all(), "dlock.a%2Eb.*");
+    }
+
+    /// NATS subject matching, enough for the wildcards this crate uses (`*` one token, `>` the rest).
+    fn matches(filter: &str, subject: &str) -> bool {
+        let (mut f, mut s) = (filter.split('.'), subject.split('.'));
+        loop {
+            match (f.next(), s.next()) {
+                (Some(">"), Some(_)) => return true,
+                (Some("*"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn fence_registers_are_in_the_stream_but_outside_every_queue() {
+        let prefix = "app.locks";
+        let names = ["a", "_fence", "a.fence", "a/b", "r", "_q", "_clock"];
+        let mut fences = Vec::new();
+        for name in names {
+            let s = NameSubjects::new(prefix, &LockName::new(name).unwrap());
+            let fence = s.fence();
+            assert!(matches(&format!("{prefix}.>"), &fence), "{fence}");
+            assert!(!NameSubjects::is_head(&fence));
+            assert_ne!(fence, clock_subject(prefix));
+            for other in names {
+                let o = NameSubjects::new(prefix, &LockName::new(other).unwrap());
+                assert!(!matches(&o.all(), &fence), "{} watches {fence}", o.all());
+                assert_ne!(o.head(), fence);
+                assert!(!matches(&o.all(), &clock_subject(prefix)));
+            }
+            fences.push(fence);
+        }
+        assert_eq!(
+            NameSubjects::new("dlock", &LockName::new("a.b").unwrap()).fence(),
+            "dlock.a%2Eb._fence.r"
+        );
+        fences.sort();
+        fences.dedup();
+        assert_eq!(fences.len(), names.len());
     }
 
     #[test]

@@ -50,6 +50,20 @@
 //! | `PREFIX.T._q` | the queue head: every entry's owner, queue position, mode, grant, pending conversion and fencing token, plus the full name (JSON) |
 //! | `PREFIX.T.OWNER` | one entry's lease: its TTL and the sequence of its first message (JSON) |
 //! | `PREFIX._clock` | client-clock mode only: written to learn the server's time |
+//! | `PREFIX.T._fence.r` | the name's *fence register* (names used through a [`Quorum`](dlock_core::Quorum) only): a number that only grows, with the full name (JSON) |
+//!
+//! The fence register ([`Driver::raise_fence`](dlock_core::Driver::raise_fence)) has one token more
+//! than a name's head and entries, so the name's watch (`PREFIX.T.*`) never delivers it and no read
+//! of the queue looks at it; the stream's `PREFIX.>` covers it. Its messages carry no `Nats-TTL`
+//! and the stream has no age limit, so it never expires, and it is kept across restarts with the
+//! stream (file storage) — except on replicated streams on NATS before 2.9.18: their recovery
+//! replays a subject-filtered purge (this driver purges an entry's subject on every release) as a
+//! purge of the whole stream up to that purge's sequence (nats-io/nats-server#4196, fixed in
+//! 2.9.18), so every older message is gone after a restart, registers and queues alike (measured
+//! on 2.9.10 R3: after a release and a restart of the cluster every register read 0). It is the one
+//! subject an idle name keeps. A raise reads the register through the leader and, when it is
+//! lower, writes the new value with `Nats-Expected-Last-Subject-Sequence` on the message read; a
+//! lost compare-and-set reads again.
 //!
 //! Names whose encoding is longer than 192 bytes use `T` = `%H` + the SHA-256 of the name in hex
 //! instead (NATS caps a protocol line, and so a subject, at 4 KiB by default). `%H` never starts an
@@ -127,6 +141,22 @@
 //!   losers); a renewal counts only if it directly follows the entry's previous message and that
 //!   message still exists (it was not purged as expired first). This assumes fewer than 32 writers
 //!   race on one name within one replication round.
+//! - **Fence registers on NATS 2.9/2.10 clusters** are checked the same way: each register message
+//!   names the message its writer read (its base), a raise counts only if its message is the first
+//!   on the subject after its base (else it reads again and retries), and readers take the value of
+//!   the last message that counts. Two raises racing from the same read therefore never lower the
+//!   register: the first to land counts. One case remains. A raise whose message is still on its
+//!   way to being stored while two or more later raises of the same register *complete* (each
+//!   reading the one before) lands after them and does not count — but from then on readers fall
+//!   back to the value of the first raise after the message the late writer had read, so the
+//!   register reads lower than what the latest completed raise returned, until a raise goes above
+//!   it again (the late raise itself, when it retries, writes no more than its own floor). Through a
+//!   quorum this takes raises of one member that overlap in time: two grants holding that member at
+//!   once (compatible modes), or a grant whose fence call timed out and was given back while its
+//!   write was still queued. A later conflicting grant whose majority shares only that member with
+//!   the majority of the higher raise may then get a token no higher than the one that raise gave
+//!   its holder. JetStream quorum members on NATS 2.11+, or on an R1 stream, are not affected:
+//!   there the server enforces the compare-and-set, so a raise never undoes another.
 //! - **Atomicity A** (no incompatible holders) holds across failovers as above; **liveness**: a
 //!   crashed holder's lock is granted to the next waiter within its TTL (rounded up to whole seconds
 //!   on 2.11+) plus the delivery of the delete marker, or plus `clock_skew_ms` and one read on 2.9.

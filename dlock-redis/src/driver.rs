@@ -204,6 +204,13 @@ impl RedisDriver {
         format!("{}:w", self.hash_tag(name))
     }
 
+    /// The Redis key holding `name`'s fence register ([`Driver::raise_fence`]):
+    /// `{<prefix>:<encoded name>}:f`, a decimal number without expiry. Only names used through a
+    /// [`Quorum`](dlock_core::Quorum) have it.
+    pub fn fence_key(&self, name: &LockName) -> String {
+        format!("{}:f", self.hash_tag(name))
+    }
+
     fn hash_tag(&self, name: &LockName) -> String {
         format!("{{{}:{}}}", self.inner.prefix, name.encoded())
     }
@@ -485,6 +492,23 @@ impl Driver for RedisDriver {
                 })
             })
             .collect()
+    }
+
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        let mut call = self.inner.scripts.fence.key(self.fence_key(name));
+        call.arg(floor.to_string());
+        let reply = self.inner.commands.invoke(&call).await?;
+        let value = string(Some(&reply))?;
+        let value: u64 = value.parse().map_err(|_| {
+            Error::backend_msg(
+                DRIVER,
+                format!("the fence register of lock {name:?} holds {value:?}, not a number"),
+            )
+        })?;
+        if value < floor {
+            return Err(unexpected(&reply));
+        }
+        Ok(value)
     }
 }
 

@@ -38,10 +38,20 @@
 //! (`seq`, mode, granted, pending conversion, lease expiry, fencing token) and holds two bookkeeping
 //! fields (`.seq`, `.tok`); see the `lua` module source for the exact format.
 //!
-//! Nothing else is stored. A name whose queue empties is deleted by the script that empties it (see
+//! A name whose queue empties is deleted by the script that empties it (see
 //! [Fencing tokens](#fencing-tokens) for the sub-millisecond exception), and the hash always carries a
 //! `PEXPIREAT` of its longest-living lease, so the names of crashed holders vanish by themselves too: an
-//! idle lock leaves no key behind.
+//! idle lock leaves no queue behind.
+//!
+//! The one key that stays is the name's *fence register* `{dlock:<name>}:f`
+//! ([`Driver::raise_fence`](dlock_core::Driver::raise_fence); [`RedisDriver::fence_key`]): a decimal
+//! number, written by a script of its own that only ever raises it (compared as a string of digits,
+//! so every `u64` is exact), with no expiry, in the name's hash tag. Only names used through a
+//! [`Quorum`](dlock_core::Quorum) have it — the quorum keeps its fencing tokens there — and nothing
+//! else reads it: the lock operations never look at it, so it neither blocks nor changes a grant. It
+//! is as durable as the server's data (see [Restarts and persistence](#restarts-and-persistence)); a
+//! quorum member that comes back without it must stay down for one TTL, as the quorum's docs say.
+//! Nothing else is stored.
 //!
 //! # Operations
 //!
@@ -77,7 +87,9 @@
 //! read with `TIME` inside the script. While a name has entries, the last token is kept in its hash, so
 //! tokens strictly increase with every grant on the name, conflicting or not.
 //!
-//! An idle name must leave no key behind, so there is no counter key that outlives the lock. Instead,
+//! An idle name must leave no queue behind, so there is no counter key that outlives the lock (a
+//! [fence register](#storage), where a name has one, is the quorum's and plays no part in these
+//! tokens). Instead,
 //! the hash is deleted when its queue empties only if the server clock has already passed the last
 //! token — the normal case, as a grant and the release that ends it are separate scripts, microseconds
 //! apart. If a burst of grants ran the counter ahead of the clock, the hash keeps just its two counter
@@ -117,8 +129,9 @@
 //! consensus-backed store (etcd, or JetStream with three replicas) when a failover must never yield
 //! two holders.
 //!
-//! **Eviction**: run the lock store with `maxmemory-policy noeviction`. Every key here has a TTL, so a
-//! `volatile-*` (or `allkeys-*`) policy may evict held locks under memory pressure.
+//! **Eviction**: run the lock store with `maxmemory-policy noeviction`. Every queue key has a TTL, so a
+//! `volatile-*` (or `allkeys-*`) policy may evict held locks under memory pressure, and an `allkeys-*`
+//! policy may also evict fence registers, which have none.
 //!
 //! **In short**, run a Redis that holds locks with:
 //!

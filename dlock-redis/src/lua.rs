@@ -10,6 +10,10 @@
 //! - field `.seq` → the highest `seq` assigned;
 //! - field `.tok` → the last fencing token.
 //!
+//! A name used through a [`Quorum`](dlock_core::Quorum) also has a *fence register*, the string key
+//! `{<prefix>:<encoded name>}:f` (same hash tag, so same slot): a decimal `u64` without expiry, which
+//! only [`FENCE`] reads or writes. It is the one key that outlives an idle name.
+//!
 //! Owner ids are `[A-Za-z0-9-]+`, so they never collide with the `.`-fields. Both counters follow
 //! `max(last + 1, server time in µs)`. When the queue empties, the hash is deleted at once if the server
 //! clock has passed both counters (the normal case); if a burst of grants ran the counters ahead of the
@@ -459,6 +463,54 @@ finish(st)
 return out
 "#;
 
+/// `KEYS[1]` fence register `{<prefix>:<encoded name>}:f`; `ARGV[1]`: the floor (a `u64` in decimal).
+/// Raises the register to the floor if it is lower and replies its value afterwards (a decimal
+/// string; `0` when it was never raised).
+///
+/// Stand-alone (no prelude): it neither reads nor touches the queue. The value is compared as a
+/// string of digits, never as a Lua number (a double, exact only below 2^53), so every `u64` is exact.
+/// It is written with a plain `SET`: no expiry, so it outlives the name's queue and survives a restart
+/// as far as the server persists its data.
+const FENCE: &str = r#"
+local function digits(s, what)
+  if type(s) ~= 'string' or not string.match(s, '^%d+$') then
+    error('dlock: ' .. what .. ' is not a fence value: ' .. tostring(s))
+  end
+  s = string.gsub(s, '^0+', '')
+  if s == '' then
+    return '0'
+  end
+  if #s > 20 then
+    error('dlock: ' .. what .. ' is too large for a fence value: ' .. s)
+  end
+  return s
+end
+-- a > b for decimal strings without leading zeros: longer is larger, else the first differing digit.
+local function greater(a, b)
+  if #a ~= #b then
+    return #a > #b
+  end
+  for i = 1, #a do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then
+      return x > y
+    end
+  end
+  return false
+end
+local floor = digits(ARGV[1], 'the floor')
+local stored = redis.call('GET', KEYS[1])
+local current = '0'
+if stored then
+  current = digits(stored, 'the value stored at ' .. KEYS[1])
+end
+if greater(floor, current) then
+  redis.call('SET', KEYS[1], floor)
+  return floor
+end
+return current
+"#;
+
 /// No keys; `ARGV`: n, then `mode granted conv` per entry. Replies `kind, index` pairs (1 = grant,
 /// 2 = convert; 0-based indices).
 #[cfg(feature = "test-support")]
@@ -500,6 +552,8 @@ pub(crate) struct Scripts {
     pub release: redis::Script,
     pub convert: redis::Script,
     pub inspect: redis::Script,
+    /// [`FENCE`]: stand-alone, without the prelude.
+    pub fence: redis::Script,
     #[cfg(feature = "test-support")]
     pub twin: redis::Script,
 }
@@ -522,6 +576,7 @@ impl Scripts {
             release: s(RELEASE),
             convert: s(CONVERT),
             inspect: s(INSPECT),
+            fence: redis::Script::new(FENCE),
             #[cfg(feature = "test-support")]
             twin: s(TWIN_DECIDE),
         }

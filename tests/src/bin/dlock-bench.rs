@@ -113,6 +113,9 @@ impl<D: Driver> Driver for Counting<D> {
     async fn inspect(&self, name: &LockName) -> dlock::Result<Vec<EntryInfo>> {
         self.inner.inspect(name).await
     }
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> dlock::Result<u64> {
+        self.inner.raise_fence(name, floor).await
+    }
 }
 
 /// The store under test and how to reach it raw.

@@ -931,6 +931,16 @@ pub async fn store_crash_and_restart_keeps_holders_safe<F: Factory>(f: &F) -> Re
     queue_until(&b, "restart", "the waiter is queued", |q| q.len() == 2).await?;
     faults.crash_and_restart()?;
     let restarted = Instant::now();
+    // Clients reconnect on their own; the checks below start once the store answers again.
+    let c = f.client().await?;
+    let give_up = Instant::now() + HANG * 2;
+    while c.inspect("restart").await.is_err() {
+        ensure!(
+            Instant::now() < give_up,
+            "the store does not answer after its restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Either a renewal sent after the restart is confirmed, or the lease is lost.
     let mut status = guard.watch();
     let settled = *within(
@@ -972,7 +982,6 @@ pub async fn store_crash_and_restart_keeps_holders_safe<F: Factory>(f: &F) -> Re
             !waiter.is_finished(),
             "the waiter was granted while the holder kept its lock through the restart"
         );
-        let c = f.client().await?;
         let err = c.lock("restart").try_acquire().await.err();
         ensure!(
             err.as_ref().is_some_and(Error::is_would_block),
@@ -1102,5 +1111,197 @@ pub async fn paused_holder_process_is_refused_by_the_fenced_register<F: Factory>
     newer.release().await?;
     drop(stdin);
     holder.kill().await?;
+    Ok(())
+}
+
+/// The fence register ([`dlock::Driver::raise_fence`]) only grows, under concurrent raises from two
+/// clients too, is kept per name (tricky names included), and lives apart from the queue: it never
+/// shows in `inspect`, and locking the name works as if it were not there.
+///
+/// A quorum keeps its tokens in its members' registers and cannot be a member itself: it answers
+/// `Unsupported`, and only the locking part runs.
+pub async fn fence_register_only_grows<F: Factory>(f: &F) -> Result<()> {
+    use dlock::Driver as _;
+    let (a, b) = (f.client().await?, f.client().await?);
+    let (da, db) = (Arc::clone(a.driver()), Arc::clone(b.driver()));
+    let fresh = LockName::new("fenced")?;
+    let first = within(HANG, "reading a fresh register", da.raise_fence(&fresh, 0)).await?;
+    let supported = match first {
+        Ok(value) => {
+            ensure!(value == 0, "a fresh register reads {value}, not 0");
+            true
+        }
+        Err(Error::Unsupported {
+            driver: "quorum", ..
+        }) => false,
+        Err(err) => return Err(err).context("reading a fresh register"),
+    };
+    if supported {
+        let raise = |d: &Arc<dyn dlock::Driver>, name: &LockName, floor: u64| {
+            let (d, name) = (Arc::clone(d), name.clone());
+            async move {
+                within(HANG, "a fence raise answers", d.raise_fence(&name, floor))
+                    .await?
+                    .with_context(|| format!("raising {name:?} to {floor}"))
+            }
+        };
+        ensure!(raise(&da, &fresh, 5).await? == 5, "raising to 5");
+        let lower = raise(&da, &fresh, 3).await?;
+        ensure!(
+            lower == 5,
+            "raising to 3 after 5 gave {lower}: the register went down"
+        );
+        let seen = raise(&db, &fresh, 0).await?;
+        ensure!(seen == 5, "the other client reads {seen}, not 5");
+
+        let raced = LockName::new("fence-raced")?;
+        let mut raises = tokio::task::JoinSet::new();
+        for floor in 1..=32u64 {
+            let d = if floor % 2 == 0 { &da } else { &db };
+            let pending = raise(d, &raced, floor);
+            raises.spawn(async move { (floor, pending.await) });
+        }
+        while let Some(done) = raises.join_next().await {
+            let (floor, answer) = done?;
+            let answer = answer?;
+            ensure!(
+                answer >= floor,
+                "a concurrent raise to {floor} answered {answer}"
+            );
+        }
+        let settled = raise(&da, &raced, 0).await?;
+        ensure!(
+            settled == 32,
+            "after concurrent raises to 1..=32 the register is {settled}"
+        );
+    }
+
+    let long = "k".repeat(LockName::MAX_LEN);
+    let names = [
+        "a",
+        "a.fence",
+        "a/b",
+        "a.b",
+        "_fence",
+        "_fence.r",
+        "_q",
+        "a%2Efence",
+        long.as_str(),
+    ];
+    if supported {
+        for (i, name) in names.iter().enumerate() {
+            let name = LockName::new(name)?;
+            let value = 100 + i as u64;
+            let got = within(HANG, "a fence raise answers", da.raise_fence(&name, value)).await??;
+            ensure!(got == value, "{name:.20?} raised to {value} reads {got}");
+        }
+        for (i, name) in names.iter().enumerate() {
+            let name = LockName::new(name)?;
+            let got = within(HANG, "a fence read answers", db.raise_fence(&name, 0)).await??;
+            ensure!(
+                got == 100 + i as u64,
+                "{name:.20?} reads {got}, not {}: registers of distinct names are shared",
+                100 + i
+            );
+        }
+    }
+    for (i, name) in names.iter().enumerate() {
+        ensure!(
+            queue(&a, name).await?.is_empty(),
+            "{name:.20?}: the register shows in inspect"
+        );
+        let guard = a
+            .lock(*name)
+            .mode(LockMode::EX)
+            .ttl(LONG_TTL)
+            .try_acquire()
+            .await
+            .with_context(|| format!("{name:.20?}: EX after raising its register"))?;
+        let err = b.lock(*name).mode(LockMode::CR).try_acquire().await.err();
+        ensure!(
+            err.as_ref().is_some_and(Error::is_would_block),
+            "{name:.20?}: a CR beside the EX: {err:?}"
+        );
+        let entries = queue(&b, name).await?;
+        ensure!(
+            entries.len() == 1 && entries[0].granted && entries[0].mode == LockMode::EX,
+            "{name:.20?} while held: {entries:?}"
+        );
+        guard.release().await?;
+        // A quorum may still be withdrawing the entry from a member that answered late.
+        queue_until(&b, name, "nothing is left after the release", |q| {
+            q.is_empty()
+        })
+        .await?;
+        if supported {
+            let name = LockName::new(name)?;
+            let got = within(HANG, "a fence read answers", db.raise_fence(&name, 0)).await??;
+            ensure!(
+                got == 100 + i as u64,
+                "{name:.20?}: locking changed the register to {got}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Two jobs need the same two locks and name them in opposite orders. Taken through sessions (the
+/// job going down is refused at once, holds nothing new, and takes them in rank order) or through
+/// `lock_all`, they never deadlock.
+pub async fn opposite_orders_never_deadlock_through_sessions_or_lock_all<F: Factory>(
+    f: &F,
+) -> Result<()> {
+    const ROUNDS: usize = 60;
+    async fn job(locks: Locks, first: &'static str, second: &'static str) -> Result<usize> {
+        let mut refused = 0;
+        for round in 0..ROUNDS {
+            if round % 2 == 1 {
+                locks
+                    .lock_all([first, second])
+                    .ttl(LONG_TTL)
+                    .await?
+                    .release()
+                    .await?;
+                continue;
+            }
+            let job = locks.session(dlock::LockOrder::by_name());
+            let held = job.lock(first).ttl(LONG_TTL).await?;
+            match job.lock(second).ttl(LONG_TTL).await {
+                Ok(both) => {
+                    both.release().await?;
+                    held.release().await?;
+                }
+                Err(Error::OrderViolation { .. }) => {
+                    refused += 1;
+                    ensure!(
+                        job.held().len() == 1,
+                        "a refused request holds or reserves something: {:?}",
+                        job.held()
+                    );
+                    held.release().await?;
+                    let low = job.lock(second).ttl(LONG_TTL).await?;
+                    let high = job.lock(first).ttl(LONG_TTL).await?;
+                    high.release().await?;
+                    low.release().await?;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(refused)
+    }
+    let (a, b) = (f.client().await?, f.client().await?);
+    let up = tokio::spawn(job(a, "order/a", "order/b"));
+    let down = tokio::spawn(job(b, "order/b", "order/a"));
+    let (up, down) = within(HANG * 4, "two jobs in opposite orders finish", async {
+        tokio::join!(up, down)
+    })
+    .await?;
+    let (up, down) = (up??, down??);
+    ensure!(up == 0, "going up was refused {up} times");
+    ensure!(
+        down == ROUNDS / 2,
+        "going down was refused {down} of {} times",
+        ROUNDS / 2
+    );
     Ok(())
 }

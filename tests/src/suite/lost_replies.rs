@@ -168,4 +168,7 @@ impl<D: Driver> Driver for LostReplies<D> {
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
         self.inner.inspect(name).await
     }
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        self.inner.raise_fence(name, floor).await
+    }
 }

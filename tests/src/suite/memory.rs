@@ -113,4 +113,7 @@ impl<D: Driver> Driver for CuttableDriver<D> {
     async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
         self.through(self.inner.inspect(name)).await
     }
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        self.through(self.inner.raise_fence(name, floor)).await
+    }
 }

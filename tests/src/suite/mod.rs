@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod jetstream;
 pub mod lost_replies;
 pub mod memory;
+pub mod quorum;
 pub mod redis;
 
 use std::time::Duration;
@@ -213,6 +214,8 @@ macro_rules! conformance_suite {
             abandoned_guards_free_the_lock_within_two_ttls,
             store_crash_and_restart_keeps_holders_safe,
             paused_holder_process_is_refused_by_the_fenced_register,
+            fence_register_only_grows,
+            opposite_orders_never_deadlock_through_sessions_or_lock_all,
         );
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -282,6 +285,8 @@ pub const ALL_CASES: &[&str] = &[
     "abandoned_guards_free_the_lock_within_two_ttls",
     "store_crash_and_restart_keeps_holders_safe",
     "paused_holder_process_is_refused_by_the_fenced_register",
+    "fence_register_only_grows",
+    "opposite_orders_never_deadlock_through_sessions_or_lock_all",
 ];
 
 /// Emits `$body` unless `$case` is in the skip list (a helper of [`conformance_suite!`]).
@@ -327,5 +332,7 @@ macro_rules! __if_same_ident {
     (abandoned_guards_free_the_lock_within_two_ttls, abandoned_guards_free_the_lock_within_two_ttls, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
     (store_crash_and_restart_keeps_holders_safe, store_crash_and_restart_keeps_holders_safe, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
     (paused_holder_process_is_refused_by_the_fenced_register, paused_holder_process_is_refused_by_the_fenced_register, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
+    (fence_register_only_grows, fence_register_only_grows, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
+    (opposite_orders_never_deadlock_through_sessions_or_lock_all, opposite_orders_never_deadlock_through_sessions_or_lock_all, { $($then:tt)* }, { $($else:tt)* }) => { $($then)* };
     ($a:ident, $b:ident, { $($then:tt)* }, { $($else:tt)* }) => { $($else)* };
 }
