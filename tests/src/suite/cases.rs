@@ -929,18 +929,29 @@ pub async fn store_crash_and_restart_keeps_holders_safe<F: Factory>(f: &F) -> Re
         }
     });
     queue_until(&b, "restart", "the waiter is queued", |q| q.len() == 2).await?;
+    let lost_at = tokio::spawn({
+        let mut status = guard.watch();
+        async move {
+            let _ = status.wait_for(|s| s.state == LeaseState::Lost).await;
+            Instant::now()
+        }
+    });
     faults.crash_and_restart()?;
     let restarted = Instant::now();
     // Clients reconnect on their own; the checks below start once the store answers again.
-    let c = f.client().await?;
     let give_up = Instant::now() + HANG * 2;
-    while c.inspect("restart").await.is_err() {
+    let c = loop {
+        if let Ok(c) = f.client().await {
+            if c.inspect("restart").await.is_ok() {
+                break c;
+            }
+        }
         ensure!(
             Instant::now() < give_up,
             "the store does not answer after its restart"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
     // Either a renewal sent after the restart is confirmed, or the lease is lost.
     let mut status = guard.watch();
     let settled = *within(
@@ -968,7 +979,7 @@ pub async fn store_crash_and_restart_keeps_holders_safe<F: Factory>(f: &F) -> Re
         }
     );
     if settled.state == LeaseState::Lost {
-        let lost_at = Instant::now();
+        let lost_at = within(HANG, "the lost holder's watcher", lost_at).await??;
         let (granted_at, next) = within(HANG * 2, "the waiter is granted", waiter).await???;
         ensure!(
             settled.valid_until <= granted_at && lost_at <= granted_at,
@@ -978,6 +989,7 @@ pub async fn store_crash_and_restart_keeps_holders_safe<F: Factory>(f: &F) -> Re
         ensure!(next.fencing_token() > guard.fencing_token());
         next.release().await?;
     } else {
+        lost_at.abort();
         ensure!(
             !waiter.is_finished(),
             "the waiter was granted while the holder kept its lock through the restart"
