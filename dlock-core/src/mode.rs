@@ -105,18 +105,11 @@ impl LockMode {
     /// assert_eq!(EX.meet(PR), PR);
     /// ```
     pub fn meet(self, other: LockMode) -> LockMode {
-        let lower_bounds = LockMode::ALL
-            .map(|m| (m.is_weaker_or_equal(self) && m.is_weaker_or_equal(other)).then_some(m));
-        lower_bounds
-            .into_iter()
-            .flatten()
-            .find(|&m| {
-                lower_bounds
-                    .into_iter()
-                    .flatten()
-                    .all(|l| l.is_weaker_or_equal(m))
-            })
-            .expect("the modes form a lattice: any two have a greatest lower bound")
+        extreme(
+            |m| m.is_weaker_or_equal(self) && m.is_weaker_or_equal(other),
+            |lower, m| lower.is_weaker_or_equal(m),
+        )
+        .expect("the modes form a lattice: any two have a greatest lower bound")
     }
 
     /// The join of two modes in the strength lattice: the weakest mode that is stronger than or equal
@@ -130,18 +123,11 @@ impl LockMode {
     /// assert_eq!(NL.join(EX), EX);
     /// ```
     pub fn join(self, other: LockMode) -> LockMode {
-        let upper_bounds = LockMode::ALL
-            .map(|m| (self.is_weaker_or_equal(m) && other.is_weaker_or_equal(m)).then_some(m));
-        upper_bounds
-            .into_iter()
-            .flatten()
-            .find(|&m| {
-                upper_bounds
-                    .into_iter()
-                    .flatten()
-                    .all(|u| m.is_weaker_or_equal(u))
-            })
-            .expect("the modes form a lattice: any two have a least upper bound")
+        extreme(
+            |m| self.is_weaker_or_equal(m) && other.is_weaker_or_equal(m),
+            |upper, m| m.is_weaker_or_equal(upper),
+        )
+        .expect("the modes form a lattice: any two have a least upper bound")
     }
 
     /// The short name: `NL`, `CR`, `CW`, `PR`, `PW` or `EX`.
@@ -167,6 +153,19 @@ impl LockMode {
             LockMode::EX => "exclusive",
         }
     }
+}
+
+/// Among the modes `admitted` accepts, the one `m` with `within(c, m)` for every accepted `c`: the
+/// greatest of them when `within` is "weaker or equal", the least when it is "stronger or equal".
+fn extreme(
+    admitted: impl Fn(LockMode) -> bool,
+    within: impl Fn(LockMode, LockMode) -> bool,
+) -> Option<LockMode> {
+    let candidates = LockMode::ALL.map(|m| admitted(m).then_some(m));
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|&m| candidates.into_iter().flatten().all(|c| within(c, m)))
 }
 
 impl fmt::Display for LockMode {

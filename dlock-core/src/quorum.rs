@@ -292,17 +292,29 @@ impl Inner {
         entry.failures.send_modify(|n| *n += 1);
     }
 
-    /// Releases the entry on `members`, awaiting the answers; members that miss it are retried in
-    /// the background for up to one TTL.
-    async fn release_on(&self, key: &EntryKey, ttl: Duration, members: &[usize]) -> usize {
-        let answers = join_all(
-            members
-                .iter()
-                .map(|&i| self.call(ttl, self.members[i].driver.release(key))),
-        )
-        .await;
+    /// Releases the entry on `members`, returning how many confirmed once `enough` of them did (or
+    /// all answered): a frozen member must not hold up the caller. Members that miss it, now or after
+    /// the return, are retried in the background for up to one TTL.
+    async fn release_on(
+        &self,
+        key: &EntryKey,
+        ttl: Duration,
+        members: &[usize],
+        enough: usize,
+    ) -> usize {
+        let limit = member_timeout(ttl);
+        let mut calls: FuturesUnordered<_> = members
+            .iter()
+            .map(|&i| {
+                let (driver, key) = (Arc::clone(&self.members[i].driver), key.clone());
+                async move { (i, tokio::time::timeout(limit, driver.release(&key)).await) }
+            })
+            .collect();
         let mut released = 0;
-        for (&i, answer) in members.iter().zip(answers) {
+        while released < enough {
+            let Some((i, answer)) = calls.next().await else {
+                break;
+            };
             match answer {
                 Ok(Ok(())) => released += 1,
                 Ok(Err(err)) => {
@@ -314,6 +326,18 @@ impl Inner {
                     self.release_later(i, key.clone(), ttl);
                 }
             }
+        }
+        if !calls.is_empty() {
+            let drivers: Vec<Arc<dyn Driver>> =
+                self.members.iter().map(|m| Arc::clone(&m.driver)).collect();
+            let key = key.clone();
+            tokio::spawn(async move {
+                while let Some((i, answer)) = calls.next().await {
+                    if !matches!(answer, Ok(Ok(()))) {
+                        release_later(Arc::clone(&drivers[i]), key.clone(), ttl);
+                    }
+                }
+            });
         }
         released
     }
@@ -450,7 +474,7 @@ impl Quorum {
             }
             Err(err) => {
                 let present = present_members(&entry.state);
-                inner.release_on(&key, ttl, &present).await;
+                inner.release_on(&key, ttl, &present, present.len()).await;
                 lock(&inner.entries).remove(&key);
                 Err(err)
             }
@@ -756,7 +780,9 @@ impl Driver for Quorum {
         }
         // Step back: hold nothing on a minority while waiting (see the module docs).
         let present = present_members(&entry.state);
-        inner.release_on(&request.key, request.ttl, &present).await;
+        inner
+            .release_on(&request.key, request.ttl, &present, present.len())
+            .await;
         {
             let mut state = lock(&entry.state);
             for i in present {
@@ -899,46 +925,7 @@ impl Driver for Quorum {
         // Done once a majority confirmed (or every member asked): a frozen member must not hold up
         // the release; it is retried there in the background.
         let enough = inner.majority.min(members.len());
-        let limit = member_timeout(ttl);
-        let mut calls: FuturesUnordered<_> = members
-            .iter()
-            .map(|&i| {
-                let (driver, key) = (Arc::clone(&inner.members[i].driver), key.clone());
-                async move { (i, tokio::time::timeout(limit, driver.release(&key)).await) }
-            })
-            .collect();
-        let mut released = 0;
-        while released < enough {
-            let Some((i, answer)) = calls.next().await else {
-                break;
-            };
-            match answer {
-                Ok(Ok(())) => released += 1,
-                Ok(Err(err)) => {
-                    inner.count_error(i, "release", &err);
-                    inner.release_later(i, key.clone(), ttl);
-                }
-                Err(elapsed) => {
-                    inner.count_error(i, "release", &elapsed);
-                    inner.release_later(i, key.clone(), ttl);
-                }
-            }
-        }
-        if !calls.is_empty() {
-            let drivers: Vec<Arc<dyn Driver>> = inner
-                .members
-                .iter()
-                .map(|m| Arc::clone(&m.driver))
-                .collect();
-            let key = key.clone();
-            tokio::spawn(async move {
-                while let Some((i, answer)) = calls.next().await {
-                    if !matches!(answer, Ok(Ok(()))) {
-                        release_later(Arc::clone(&drivers[i]), key.clone(), ttl);
-                    }
-                }
-            });
-        }
+        let released = inner.release_on(key, ttl, &members, enough).await;
         if released >= enough {
             Ok(())
         } else {

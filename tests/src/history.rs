@@ -138,6 +138,25 @@ impl Report {
     }
 }
 
+impl Report {
+    /// [`Report::check`], with the run's counts and the verdict written to standard error: libtest
+    /// hides the output of passing tests written with `println!`, and the counts are worth seeing in
+    /// every run.
+    pub fn check_and_print(&self) -> Result<()> {
+        let checked = self.check();
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "{self}; {}",
+            match &checked {
+                Ok(summary) => summary.clone(),
+                Err(err) => format!("VIOLATION: {err}"),
+            }
+        );
+        checked.map(drop)
+    }
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

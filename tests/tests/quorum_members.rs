@@ -186,15 +186,5 @@ async fn history_with_single_members_paused_is_linearizable() -> Result<()> {
         },
     )
     .await?;
-    let checked = report.check();
-    use std::io::Write as _;
-    let _ = writeln!(
-        std::io::stderr(),
-        "{report}; {}",
-        match &checked {
-            Ok(summary) => summary.clone(),
-            Err(err) => format!("VIOLATION: {err}"),
-        }
-    );
-    checked.map(drop)
+    report.check_and_print()
 }

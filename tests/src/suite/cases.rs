@@ -625,20 +625,9 @@ pub async fn separate_clients_contend_correctly<F: Factory>(f: &F) -> Result<()>
 /// Many clients run thousands of random operations while links are cut and (for servers) the store is
 /// paused; the checker finds no incompatible overlap of validity windows and no fencing inversion.
 pub async fn history_under_faults_is_linearizable<F: Factory>(f: &F) -> Result<()> {
-    let report = history::run(f, history::Workload::default()).await?;
-    let checked = report.check();
-    // Straight to the stderr handle: libtest hides println! output of passing tests, and the counts
-    // are worth seeing in every run.
-    use std::io::Write as _;
-    let _ = writeln!(
-        std::io::stderr(),
-        "{report}; {}",
-        match &checked {
-            Ok(summary) => summary.clone(),
-            Err(err) => format!("VIOLATION: {err}"),
-        }
-    );
-    checked.map(drop)
+    history::run(f, history::Workload::default())
+        .await?
+        .check_and_print()
 }
 
 /// A client whose driver loses the replies that `faults` picks, after the store applied the call.
