@@ -263,8 +263,18 @@ fn member_timeout(ttl: Duration) -> Duration {
     (ttl / 4).max(Duration::from_millis(50))
 }
 
-/// The result of one bounded member call.
-type Answer<T> = std::result::Result<Result<T>, tokio::time::error::Elapsed>;
+/// One member call, bounded: a member that does not answer within `limit` is an error like any other.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(Error::backend_msg(
+            DRIVER,
+            format!("the member did not answer within {limit:?}"),
+        ))
+    })
+}
 
 impl Inner {
     fn tracked(&self, key: &EntryKey) -> Option<Arc<Tracked>> {
@@ -282,8 +292,8 @@ impl Inner {
         &self,
         ttl: Duration,
         fut: impl std::future::Future<Output = Result<T>>,
-    ) -> Answer<T> {
-        tokio::time::timeout(member_timeout(ttl), fut).await
+    ) -> Result<T> {
+        bounded(member_timeout(ttl), fut).await
     }
 
     /// Marks `member` failed for `entry` and wakes a request waiting there.
@@ -307,7 +317,7 @@ impl Inner {
             .iter()
             .map(|&i| {
                 let (driver, key) = (Arc::clone(&self.members[i].driver), key.clone());
-                async move { (i, tokio::time::timeout(limit, driver.release(&key)).await) }
+                async move { (i, bounded(limit, driver.release(&key)).await) }
             })
             .collect();
         let mut released = 0;
@@ -316,13 +326,9 @@ impl Inner {
                 break;
             };
             match answer {
-                Ok(Ok(())) => released += 1,
-                Ok(Err(err)) => {
+                Ok(()) => released += 1,
+                Err(err) => {
                     self.count_error(i, "release", &err);
-                    self.release_later(i, key.clone(), ttl);
-                }
-                Err(elapsed) => {
-                    self.count_error(i, "release", &elapsed);
                     self.release_later(i, key.clone(), ttl);
                 }
             }
@@ -333,7 +339,7 @@ impl Inner {
             let key = key.clone();
             tokio::spawn(async move {
                 while let Some((i, answer)) = calls.next().await {
-                    if !matches!(answer, Ok(Ok(()))) {
+                    if !matches!(answer, Ok(())) {
                         release_later(Arc::clone(&drivers[i]), key.clone(), ttl);
                     }
                 }
@@ -360,12 +366,11 @@ impl Inner {
         let (mut highest, mut read_from) = (0, 0);
         for (&i, answer) in members.iter().zip(read) {
             match answer {
-                Ok(Ok(value)) => {
+                Ok(value) => {
                     highest = highest.max(value);
                     read_from += 1;
                 }
-                Ok(Err(err)) => self.count_error(i, "fence", &err),
-                Err(elapsed) => self.count_error(i, "fence", &elapsed),
+                Err(err) => self.count_error(i, "fence", &err),
             }
         }
         // Any majority of the members holding this grant shares a member with the majority that
@@ -383,14 +388,13 @@ impl Inner {
         let mut confirmed = 0;
         for (&i, answer) in members.iter().zip(written) {
             match answer {
-                Ok(Ok(value)) if value == token => confirmed += 1,
-                Ok(Ok(higher)) => {
+                Ok(value) if value == token => confirmed += 1,
+                Ok(higher) => {
                     // A concurrent compatible grant raised it further: still at least our token.
                     debug_assert!(higher > token);
                     confirmed += 1;
                 }
-                Ok(Err(err)) => self.count_error(i, "fence", &err),
-                Err(elapsed) => self.count_error(i, "fence", &elapsed),
+                Err(err) => self.count_error(i, "fence", &err),
             }
         }
         if confirmed < self.majority {
@@ -408,8 +412,8 @@ fn release_later(driver: Arc<dyn Driver>, key: EntryKey, ttl: Duration) {
             let give_up = Instant::now() + ttl;
             let mut backoff = Duration::from_millis(20);
             while Instant::now() < give_up {
-                match tokio::time::timeout(member_timeout(ttl), driver.release(&key)).await {
-                    Ok(Ok(())) => return,
+                match bounded(member_timeout(ttl), driver.release(&key)).await {
+                    Ok(()) => return,
                     _ => tokio::time::sleep(backoff).await,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -514,16 +518,9 @@ impl Quorum {
             };
             let member = &inner.members[next].driver;
             let queued = match inner.call(request.ttl, member.enqueue(&request)).await {
-                Ok(Ok(queued)) => queued,
-                Ok(Err(err)) => {
+                Ok(queued) => queued,
+                Err(err) => {
                     inner.count_error(next, "enqueue", &err);
-                    lock(&entry.state).slots[next] = Slot::Unknown;
-                    inner.fail(entry, next);
-                    inner.release_later(next, request.key.clone(), request.ttl);
-                    continue;
-                }
-                Err(elapsed) => {
-                    inner.count_error(next, "enqueue", &elapsed);
                     lock(&entry.state).slots[next] = Slot::Unknown;
                     inner.fail(entry, next);
                     inner.release_later(next, request.key.clone(), request.ttl);
@@ -657,7 +654,7 @@ impl Quorum {
         )
         .await;
         for (&i, answer) in pending.iter().zip(answers) {
-            if !matches!(answer, Ok(Ok(Queued::Granted(_)))) {
+            if !matches!(answer, Ok(Queued::Granted(_))) {
                 inner.count_error(i, "convert", &"withdrawing a pending conversion failed");
                 // The member holds at least the old mode either way; only its renewals tell more.
             }
@@ -706,12 +703,7 @@ impl Driver for Quorum {
         let mut calls: FuturesUnordered<_> = (0..n)
             .map(|i| {
                 let (driver, attempt) = (Arc::clone(&inner.members[i].driver), attempt.clone());
-                async move {
-                    (
-                        i,
-                        tokio::time::timeout(limit, driver.enqueue(&attempt)).await,
-                    )
-                }
+                async move { (i, bounded(limit, driver.enqueue(&attempt)).await) }
             })
             .collect();
         let mut unreachable = 0;
@@ -723,17 +715,12 @@ impl Driver for Quorum {
             {
                 let mut state = lock(&entry.state);
                 state.slots[i] = match answer {
-                    Ok(Ok(Queued::Granted(grant))) => Slot::Held(grant.mode),
+                    Ok(Queued::Granted(grant)) => Slot::Held(grant.mode),
                     // A driver must not queue a try; treat it as queued so it is released.
-                    Ok(Ok(Queued::Waiting)) => Slot::Queued,
-                    Ok(Err(Error::WouldBlock { .. })) => Slot::Absent,
-                    Ok(Err(err)) => {
+                    Ok(Queued::Waiting) => Slot::Queued,
+                    Err(Error::WouldBlock { .. }) => Slot::Absent,
+                    Err(err) => {
                         inner.count_error(i, "enqueue", &err);
-                        unreachable += 1;
-                        Slot::Unknown
-                    }
-                    Err(elapsed) => {
-                        inner.count_error(i, "enqueue", &elapsed);
                         unreachable += 1;
                         Slot::Unknown
                     }
@@ -755,7 +742,7 @@ impl Driver for Quorum {
                 while let Some((i, answer)) = calls.next().await {
                     let ttl = lock(&entry.state).request.ttl;
                     let joined = match answer {
-                        Ok(Ok(Queued::Granted(grant))) => {
+                        Ok(Queued::Granted(grant)) => {
                             // Under the entries lock, so a release either sees this slot or has
                             // already removed the entry (and the grant is given back below).
                             let entries = lock(&quorum.entries);
@@ -765,7 +752,7 @@ impl Driver for Quorum {
                             }
                             tracked
                         }
-                        Ok(Err(Error::WouldBlock { .. })) => true,
+                        Err(Error::WouldBlock { .. }) => true,
                         _ => false,
                     };
                     if !joined {
@@ -837,18 +824,14 @@ impl Driver for Quorum {
         let mut lost = 0;
         for (&i, answer) in present.iter().zip(answers) {
             match answer {
-                Ok(Ok(sent)) => confirmed.push((i, sent)),
-                Ok(Err(err)) if err.is_lost() => {
+                Ok(sent) => confirmed.push((i, sent)),
+                Err(err) if err.is_lost() => {
                     lost += 1;
                     lock(&entry.state).slots[i] = Slot::Absent;
                     inner.fail(&entry, i);
                 }
-                Ok(Err(err)) => {
+                Err(err) => {
                     inner.count_error(i, "renew", &err);
-                    inner.fail(&entry, i);
-                }
-                Err(elapsed) => {
-                    inner.count_error(i, "renew", &elapsed);
                     inner.fail(&entry, i);
                 }
             }
@@ -973,20 +956,13 @@ impl Driver for Quorum {
             let mut state = lock(&entry.state);
             for (&i, answer) in holders.iter().zip(answers) {
                 match answer {
-                    Ok(Ok(Queued::Granted(grant))) => state.slots[i] = Slot::Held(grant.mode),
-                    Ok(Ok(Queued::Waiting)) => {}
-                    Ok(Err(Error::ConversionDeadlock { .. })) => deadlock = true,
-                    Ok(Err(err)) => {
+                    Ok(Queued::Granted(grant)) => state.slots[i] = Slot::Held(grant.mode),
+                    Ok(Queued::Waiting) => {}
+                    Err(Error::ConversionDeadlock { .. }) => deadlock = true,
+                    Err(err) => {
                         inner.count_error(i, "convert", &err);
                         uncertain = true;
                         // Whatever it settled on, it holds at least the meet of the two modes.
-                        if let Slot::Held(m) = state.slots[i] {
-                            state.slots[i] = Slot::Held(m.meet(mode));
-                        }
-                    }
-                    Err(elapsed) => {
-                        inner.count_error(i, "convert", &elapsed);
-                        uncertain = true;
                         if let Slot::Held(m) = state.slots[i] {
                             state.slots[i] = Slot::Held(m.meet(mode));
                         }

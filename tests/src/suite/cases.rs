@@ -323,34 +323,57 @@ pub async fn renewal_keeps_the_lock_for_three_ttls<F: Factory>(f: &F) -> Result<
     Ok(())
 }
 
+/// An out-of-process holder (`dlock-holder`) of `name`, started and past its `HELD` line.
+struct Holder {
+    process: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    token: u64,
+}
+
+impl Holder {
+    /// Starts the holder on the factory's URL; with `commands` it also serves `WRITE` on its stdin.
+    async fn start<F: Factory>(f: &F, name: &str, ttl: Duration, commands: bool) -> Result<Self> {
+        let url = f.url().context("a shared store has a URL")?;
+        let binary = HOLDER_BINARY
+            .get()
+            .context("set_holder_binary was not called")?;
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .args(["--url", &url, "--name", name])
+            .args(["--ttl-ms", &ttl.as_millis().to_string()])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        if commands {
+            command.arg("--commands").stdin(Stdio::piped());
+        }
+        let mut process = command.spawn().context("starting the holder process")?;
+        let stdout = process.stdout.take().context("holder stdout")?;
+        let mut holder = Holder {
+            process,
+            lines: BufReader::new(stdout).lines(),
+            token: 0,
+        };
+        let line = holder.next_line().await?;
+        holder.token = line
+            .strip_prefix("HELD ")
+            .with_context(|| format!("unexpected holder output {line:?}"))?
+            .parse()?;
+        Ok(holder)
+    }
+
+    async fn next_line(&mut self) -> Result<String> {
+        within(HANG, "the holder answers", self.lines.next_line())
+            .await??
+            .context("the holder exited early")
+    }
+}
+
 /// A holder in another process killed with SIGKILL: the next waiter is granted within TTL + 1 s.
 pub async fn holder_crash_frees_the_lock_within_ttl<F: Factory>(f: &F) -> Result<()> {
-    let url = f.url().context("a shared store has a URL")?;
-    let binary = HOLDER_BINARY
-        .get()
-        .context("set_holder_binary was not called")?;
     let ttl = f.short_ttl().max(Duration::from_secs(2));
-    let mut holder = tokio::process::Command::new(binary)
-        .args([
-            "--url",
-            &url,
-            "--name",
-            "crash",
-            "--ttl-ms",
-            &ttl.as_millis().to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the holder process")?;
-    let mut lines = BufReader::new(holder.stdout.take().context("holder stdout")?).lines();
-    let line = within(HANG, "the holder reports HELD", lines.next_line())
-        .await??
-        .context("holder exited early")?;
-    let holder_token: u64 = line
-        .strip_prefix("HELD ")
-        .with_context(|| format!("unexpected holder output {line:?}"))?
-        .parse()?;
+    let holder = Holder::start(f, "crash", ttl, false).await?;
+    let holder_token = holder.token;
+    let mut holder = holder.process;
     let b = f.client().await?;
     let waiter = tokio::spawn(b.lock("crash").ttl(ttl).into_future());
     queue_until(&b, "crash", "the waiter is queued", |q| q.len() == 2).await?;
@@ -1033,32 +1056,11 @@ pub async fn paused_holder_process_is_refused_by_the_fenced_register<F: Factory>
     f: &F,
 ) -> Result<()> {
     use tokio::io::AsyncWriteExt as _;
-    let url = f.url().context("a shared store has a URL")?;
-    let binary = HOLDER_BINARY
-        .get()
-        .context("set_holder_binary was not called")?;
     let ttl = f.short_ttl().max(Duration::from_secs(2));
-    let mut holder = tokio::process::Command::new(binary)
-        .args(["--url", &url, "--name", "frozen", "--commands"])
-        .args(["--ttl-ms", &ttl.as_millis().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the holder process")?;
-    let pid = holder.id().context("the holder's pid")? as libc::pid_t;
-    let mut stdin = holder.stdin.take().context("holder stdin")?;
-    let mut lines = BufReader::new(holder.stdout.take().context("holder stdout")?).lines();
-    let mut next_line = async || {
-        within(HANG, "the holder answers", lines.next_line())
-            .await??
-            .context("the holder exited early")
-    };
-    let line = next_line().await?;
-    let holder_token: u64 = line
-        .strip_prefix("HELD ")
-        .with_context(|| format!("unexpected holder output {line:?}"))?
-        .parse()?;
+    let mut holder = Holder::start(f, "frozen", ttl, true).await?;
+    let holder_token = holder.token;
+    let pid = holder.process.id().context("the holder's pid")? as libc::pid_t;
+    let mut stdin = holder.process.stdin.take().context("holder stdin")?;
     let mut register = FencedRegister::default();
     register.write(holder_token, "holder")?;
 
@@ -1093,7 +1095,7 @@ pub async fn paused_holder_process_is_refused_by_the_fenced_register<F: Factory>
     stdin.write_all(b"WRITE\n").await?;
     let (mut write_reply, mut lost) = (None, false);
     while write_reply.is_none() || !lost {
-        let line = next_line().await?;
+        let line = holder.next_line().await?;
         match line.as_str() {
             "LOST" => lost = true,
             reply if reply.starts_with("WRITE ") => write_reply = Some(reply.to_owned()),
@@ -1111,7 +1113,7 @@ pub async fn paused_holder_process_is_refused_by_the_fenced_register<F: Factory>
     ensure!(newer.is_valid());
     newer.release().await?;
     drop(stdin);
-    holder.kill().await?;
+    holder.process.kill().await?;
     Ok(())
 }
 
