@@ -395,12 +395,7 @@ async fn enqueue_and_wait(
     let grant = match queued {
         Queued::Granted(grant) => grant,
         Queued::Waiting => {
-            let waited = async {
-                tokio::select! {
-                    grant = driver.wait(&key) => grant,
-                    _ = lease.lost() => Err(Error::Lost { name: key.name.to_string() }),
-                }
-            };
+            let waited = lease.wait_granted();
             match deadline {
                 Some(deadline) => {
                     tokio::time::timeout_at(deadline, waited)

@@ -163,11 +163,7 @@ impl Guard {
         };
         let grant = match asked {
             Ok(Queued::Granted(grant)) => grant,
-            Ok(Queued::Waiting) => tokio::select! {
-                biased;
-                _ = pending.lease.lost() => return Err(lost()),
-                grant = driver.wait(&key) => grant?,
-            },
+            Ok(Queued::Waiting) => pending.lease.wait_granted().await?,
             Err(err @ (Error::ConversionDeadlock { .. } | Error::Unsupported { .. })) => {
                 // A definite refusal: the store changed nothing.
                 pending.disarm();

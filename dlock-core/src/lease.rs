@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::driver::{Driver, EntryKey};
+use crate::driver::{Driver, EntryKey, Grant};
 use crate::metrics as m;
 
 /// The state of a held lock's lease.
@@ -184,6 +184,42 @@ impl Lease {
         let mut rx = self.status.subscribe();
         // The sender lives in `self`, so `wait_for` cannot fail while we borrow it.
         let _ = rx.wait_for(|s| s.state == LeaseState::Lost).await;
+    }
+
+    /// Waits for the store to grant the entry (or its pending conversion), as long as the lease
+    /// lives. A waiting entry stays queued while its keeper renews it, so a store error on the way
+    /// (an election, a restart, a dropped connection) does not end the wait: asking again is safe,
+    /// and only the loss of the lease, or the caller's deadline, does.
+    pub(crate) async fn wait_granted(&self) -> crate::Result<Grant> {
+        let lost = || crate::Error::Lost {
+            name: self.key.name.to_string(),
+        };
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let waited = tokio::select! {
+                biased;
+                _ = self.lost() => return Err(lost()),
+                waited = self.driver.wait(&self.key) => waited,
+            };
+            match waited {
+                Err(err) if err.is_transient() => {
+                    tracing::warn!(
+                        name = %self.key.name,
+                        error = %err,
+                        "dlock: the store failed while the lock was waited for; waiting again"
+                    );
+                    metrics::counter!(m::WAIT_ERRORS_TOTAL, "driver" => self.driver_name)
+                        .increment(1);
+                    tokio::select! {
+                        biased;
+                        _ = self.lost() => return Err(lost()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     pub(crate) fn set_state(&self, state: LeaseState) {

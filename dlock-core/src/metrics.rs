@@ -11,6 +11,9 @@ pub const HOLD_SECONDS: &str = "dlock_hold_seconds";
 /// Counter of lease renewals, labelled `outcome`: `ok`, `error`, or `timeout` (unanswered in time and
 /// retried).
 pub const RENEWALS_TOTAL: &str = "dlock_renewals_total";
+/// Counter of store errors met while waiting in a queue (each is followed by waiting again while the
+/// lease lives).
+pub const WAIT_ERRORS_TOTAL: &str = "dlock_wait_errors_total";
 /// Counter of locks lost because their lease could not be renewed in time.
 pub const LOST_TOTAL: &str = "dlock_lost_total";
 /// Counter of releases that failed after every retry (the lease TTL frees the entry then).

@@ -37,6 +37,8 @@ struct Partitionable {
     dropped_release_replies: Arc<AtomicUsize>,
     /// Renewals of this name fail at once with a store error.
     failing_renewals_of: Arc<std::sync::Mutex<Option<String>>>,
+    /// How many of the next waits fail with a store error after a moment (an election under way).
+    failing_waits: Arc<AtomicUsize>,
 }
 
 /// Takes one from `counter` if it is above zero.
@@ -66,6 +68,7 @@ impl Partitionable {
             dropped_renew_replies: Arc::default(),
             dropped_release_replies: Arc::default(),
             failing_renewals_of: Arc::default(),
+            failing_waits: Arc::default(),
         }
     }
 
@@ -91,6 +94,13 @@ impl Driver for Partitionable {
     }
     async fn wait(&self, key: &EntryKey) -> Result<Grant> {
         self.gate().await;
+        if take_one(&self.failing_waits) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Err(Error::backend_msg(
+                "memory",
+                "injected: no server answers for the queue",
+            ));
+        }
         self.store.wait(key).await
     }
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
@@ -792,4 +802,55 @@ async fn unanswered_renewals_and_releases_are_retried() {
     guard.release().await.unwrap();
     assert!(asked.elapsed() < TTL, "the caller waited out the whole TTL");
     assert!(store.inspect(&name("x")).await.unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_errors_while_waiting_do_not_end_the_wait() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let locks = Locks::new(link.clone());
+    let holder = locks.lock("w").ttl(TTL).await.unwrap();
+    link.failing_waits.store(5, Ordering::SeqCst);
+    let waiter = tokio::spawn(locks.lock("w").ttl(TTL).into_future());
+    // Several TTLs of failing waits: the waiter's keeper holds its place in line meanwhile.
+    tokio::time::sleep(TTL * 2).await;
+    assert_eq!(
+        link.failing_waits.load(Ordering::SeqCst),
+        0,
+        "every failure was met"
+    );
+    assert!(!waiter.is_finished(), "a store error ended the wait");
+    holder.release().await.unwrap();
+    let granted = timeout(TTL, waiter).await.unwrap().unwrap().unwrap();
+    assert_eq!(granted.mode(), LockMode::EX);
+
+    // The same for a pending up-conversion.
+    let mut upgrading = locks.lock("c").mode(LockMode::PR).ttl(TTL).await.unwrap();
+    let other = locks.lock("c").mode(LockMode::PR).ttl(TTL).await.unwrap();
+    link.failing_waits.store(5, Ordering::SeqCst);
+    let converted = async {
+        upgrading.convert(LockMode::EX).await.unwrap();
+        upgrading
+    };
+    let release_other = async {
+        tokio::time::sleep(TTL * 2).await;
+        assert_eq!(link.failing_waits.load(Ordering::SeqCst), 0);
+        other.release().await.unwrap();
+    };
+    let (upgraded, ()) = tokio::join!(converted, release_other);
+    assert_eq!(upgraded.mode(), LockMode::EX);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_that_keeps_failing_ends_when_its_lease_is_lost() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let locks = Locks::new(link.clone());
+    let _holder = Locks::new(store.clone()).lock("w").ttl(TTL).await.unwrap();
+    link.failing_waits.store(usize::MAX, Ordering::SeqCst);
+    let waiter = tokio::spawn(locks.lock("w").ttl(TTL).into_future());
+    tokio::time::sleep(TTL).await;
+    link.failing_renewals.store(true, Ordering::SeqCst);
+    let ended = timeout(TTL * 2, waiter).await.unwrap().unwrap();
+    assert!(matches!(ended, Err(Error::Lost { .. })), "{ended:?}");
 }

@@ -35,6 +35,8 @@ const MARKER_TTL: Duration = Duration::from_secs(60);
 const MARKER_HEADER: &str = "Nats-Marker-Reason";
 /// A waiter without a working watch re-reads the queue this often.
 const BLIND_POLL: Duration = Duration::from_millis(250);
+/// How long a write answered with "no responders" is sent again before the error is returned.
+const NO_RESPONDERS_BUDGET: Duration = Duration::from_secs(5);
 
 /// Locks in a NATS JetStream stream. Cheap to clone: clones share the connection.
 ///
@@ -675,24 +677,27 @@ impl Inner {
         // "No responders" (reported as no stream for the subject) means no server stored the
         // message: in a cluster it is seen for a moment while the stream's interest moves between
         // servers (an election, a restart, a loaded node). Sending it again is safe.
+        // An R3 election on a loaded machine takes seconds, hence the budget.
+        let give_up = tokio::time::Instant::now() + NO_RESPONDERS_BUDGET;
         let mut pause = Duration::from_millis(20);
-        for _ in 0..4 {
+        loop {
             match self
                 .js
                 .send_publish(subject.clone(), message.clone())
                 .await?
                 .await
             {
-                Err(err) if err.kind() == PublishErrorKind::StreamNotFound => {
+                Err(err)
+                    if err.kind() == PublishErrorKind::StreamNotFound
+                        && tokio::time::Instant::now() + pause < give_up =>
+                {
                     tracing::debug!(%subject, "dlock-jetstream: no responders; publishing again");
                     tokio::time::sleep(pause).await;
-                    pause *= 3;
+                    pause = (pause * 2).min(Duration::from_millis(500));
                 }
                 other => return Ok(other?.sequence),
             }
         }
-        let ack = self.js.send_publish(subject, message).await?.await?;
-        Ok(ack.sequence)
     }
 
     /// A lower bound of the server's clock now: the timestamp of a message written just now.
