@@ -31,9 +31,11 @@ pub async fn connect(url: &str) -> Result<Locks> {
     if let Some(members) = url.strip_prefix("quorum:") {
         return connect_quorum(url, members).await;
     }
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| Error::InvalidUrl {
-        url: url.to_owned(),
-        reason: "expected SCHEME://…, for example mem:// or redis://127.0.0.1:6379".into(),
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        Error::invalid_url(
+            url,
+            "expected SCHEME://…, for example mem:// or redis://127.0.0.1:6379",
+        )
     })?;
     match scheme {
         "mem" => Ok(Locks::new(memory_store(rest)?)),
@@ -53,28 +55,45 @@ pub async fn connect(url: &str) -> Result<Locks> {
         )),
         #[cfg(not(feature = "jetstream"))]
         "nats" | "tls" => missing_feature(scheme, "jetstream"),
-        _ => Err(Error::InvalidUrl {
-            url: url.to_owned(),
-            reason: format!(
-                "unknown scheme {scheme:?}; use mem://, redis://, rediss://, etcd:// or nats://"
+        _ => Err(Error::invalid_url(
+            url,
+            format!(
+                "unknown scheme {scheme:?}; use mem://, redis://, rediss://, redis+cluster://, \
+                 rediss+cluster://, etcd://, etcds://, nats://, tls:// or quorum:URL;URL;URL"
             ),
-        }),
+        )),
     }
 }
 
 async fn connect_quorum(url: &str, members: &str) -> Result<Locks> {
+    let members: Vec<&str> = members.split(';').collect();
+    let n = members.len();
+    if members
+        .iter()
+        .any(|m| m.is_empty() || m.starts_with("quorum:"))
+    {
+        return Err(Error::invalid_url(
+            url,
+            "a quorum lists its member stores' URLs separated by ';', e.g. \
+             quorum:redis://10.0.0.1:6379;redis://10.0.0.2:6379;redis://10.0.0.3:6379 \
+             (a member cannot itself be a quorum)",
+        ));
+    }
+    // Checked before connecting, so that a quorum of two does not first wait for both stores.
+    if n < 3 || n.is_multiple_of(2) {
+        return Err(Error::invalid_url(
+            url,
+            format!(
+                "a quorum of {n} members; list an odd number of stores, at least three, so that \
+                 any two majorities share a member"
+            ),
+        ));
+    }
     let mut drivers = Vec::new();
-    for member in members.split(';') {
-        if member.is_empty() || member.starts_with("quorum:") {
-            return Err(Error::InvalidUrl {
-                url: url.to_owned(),
-                reason: "a quorum lists its member stores' URLs separated by ';', e.g. \
-                         quorum:redis://10.0.0.1:6379;redis://10.0.0.2:6379;redis://10.0.0.3:6379 \
-                         (a member cannot itself be a quorum)"
-                    .into(),
-            });
-        }
-        let member = Box::pin(connect(member)).await?;
+    for (i, member) in members.into_iter().enumerate() {
+        let member = Box::pin(connect(member))
+            .await
+            .map_err(|e| of_member(e, i + 1, n))?;
         drivers.push(std::sync::Arc::clone(member.driver()));
     }
     Ok(Locks::from_arc(std::sync::Arc::new(
@@ -82,15 +101,41 @@ async fn connect_quorum(url: &str, members: &str) -> Result<Locks> {
     )))
 }
 
+/// A member's error, saying which member it is; the URL in it is already the member's.
+fn of_member(err: Error, i: usize, n: usize) -> Error {
+    let which = format!("quorum member {i} of {n}");
+    match err {
+        Error::InvalidUrl { url, reason } => Error::InvalidUrl {
+            url,
+            reason: format!("{which}: {reason}"),
+        },
+        Error::Connect {
+            driver,
+            url,
+            reason,
+            hint,
+        } => Error::Connect {
+            driver,
+            url,
+            reason: format!("{which}: {reason}"),
+            hint: format!("{hint} (a quorum connects to every member before it returns)"),
+        },
+        other => other,
+    }
+}
+
 fn memory_store(name: &str) -> Result<MemoryDriver> {
     if name.is_empty() {
         return Ok(MemoryDriver::new());
     }
     if name.contains(['/', '?', '#', '@', ':']) {
-        return Err(Error::InvalidUrl {
-            url: format!("mem://{name}"),
-            reason: "an in-memory store name is one word: mem://NAME".into(),
-        });
+        return Err(Error::invalid_url(
+            &format!("mem://{name}"),
+            format!(
+                "in-memory store name {name:?}: a name is one word without '/', '?', '#', '@' or ':', \
+                 as in mem://NAME (or mem:// for a store of this client's own)"
+            ),
+        ));
     }
     static STORES: OnceLock<Mutex<HashMap<String, MemoryDriver>>> = OnceLock::new();
     let mut stores = STORES
@@ -123,6 +168,10 @@ mod tests {
         assert!(msg.contains("unknown scheme \"zookeeper\""), "{msg}");
         let msg = connect("127.0.0.1:6379").await.unwrap_err().to_string();
         assert!(msg.contains("SCHEME://"), "{msg}");
+        for url in ["zk://u:s3cret@h:1", "u:s3cret@h:1"] {
+            let msg = connect(url).await.unwrap_err().to_string();
+            assert!(!msg.contains("s3cret"), "the secret leaked: {msg}");
+        }
     }
 
     #[cfg(not(feature = "redis"))]

@@ -82,7 +82,7 @@ impl From<dlock::Error> for Failure {
             | E::InvalidMode { .. }
             | E::InvalidUrl { .. }
             | E::Unsupported { .. } => USAGE,
-            E::Backend { .. } => UNAVAILABLE,
+            E::Backend { .. } | E::Connect { .. } => UNAVAILABLE,
             _ => INTERNAL,
         };
         Failure::new(code, err.to_string())
@@ -129,6 +129,13 @@ mod tests {
         assert_eq!(url.code, USAGE);
         let store = Failure::from(dlock::Error::backend_msg("redis", "down"));
         assert_eq!(store.code, UNAVAILABLE);
+        let refused = Failure::from(dlock::Error::connect(
+            "redis",
+            "redis://h:1",
+            "refused",
+            "start it",
+        ));
+        assert_eq!(refused.code, UNAVAILABLE);
     }
 
     #[test]

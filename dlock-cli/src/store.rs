@@ -92,22 +92,7 @@ impl Store {
 
 /// `url` with its password or token replaced by `***`, for messages.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let shown = match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                // A lone secret (a NATS token) is hidden whole.
-                None => "***".to_owned(),
-            };
-            format!("{scheme}://{shown}@{hosts}{tail}")
-        }
-        None => url.to_owned(),
-    }
+    dlock::Error::redact_url(url)
 }
 
 /// The store's driver, remembering which queue entries this process made and has not removed.
@@ -248,6 +233,10 @@ mod tests {
         );
         assert_eq!(redact("etcd://h1:2379,h2:2379"), "etcd://h1:2379,h2:2379");
         assert_eq!(redact("mem://"), "mem://");
+        assert_eq!(
+            redact("quorum:redis://:a@h1;redis://:b@h2;redis://:c@h3"),
+            "quorum:redis://:***@h1;redis://:***@h2;redis://:***@h3"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -70,10 +70,29 @@ pub enum Error {
     /// A connection URL could not be used.
     #[error("invalid lock store url {url:?}: {reason}")]
     InvalidUrl {
-        /// The URL as given (credentials removed).
+        /// The URL as given, with passwords and tokens replaced by `***` (see [`Error::redact_url`]).
         url: String,
-        /// What is wrong with it.
+        /// What is wrong with it, and how to write it instead.
         reason: String,
+    },
+
+    /// Connecting to the store failed: it could not be reached, refused the credentials, or cannot
+    /// serve as a lock store. Only `connect` returns this; a store lost later fails with
+    /// [`Error::Backend`].
+    ///
+    /// The message is complete on its own: `reason` already carries what the store's client said,
+    /// so this error has no [`source`](std::error::Error::source) that would print it a second time
+    /// in a chain of causes.
+    #[error("cannot connect to {url}: {reason}; {hint}")]
+    Connect {
+        /// The driver's name.
+        driver: &'static str,
+        /// The URL as given, with passwords and tokens replaced by `***` (see [`Error::redact_url`]).
+        url: String,
+        /// What went wrong.
+        reason: String,
+        /// What to do about it.
+        hint: String,
     },
 
     /// The driver does not support the requested feature.
@@ -124,6 +143,55 @@ pub enum Error {
 }
 
 impl Error {
+    /// An [`Error::InvalidUrl`] for `url`, which is redacted here (see [`Error::redact_url`]).
+    pub fn invalid_url(url: &str, reason: impl Into<String>) -> Self {
+        Error::InvalidUrl {
+            url: Error::redact_url(url),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Connect`] for `url`, which is redacted here (see [`Error::redact_url`]).
+    pub fn connect(
+        driver: &'static str,
+        url: &str,
+        reason: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Self {
+        Error::Connect {
+            driver,
+            url: Error::redact_url(url),
+            reason: reason.into(),
+            hint: hint.into(),
+        }
+    }
+
+    /// `url` as errors show it: the user name stays, a password or a lone token (`nats://TOKEN@…`)
+    /// becomes `***`. Each member of a `quorum:URL;URL;…` is redacted on its own; redacting twice
+    /// changes nothing.
+    ///
+    /// ```
+    /// use dlock_core::Error;
+    /// assert_eq!(
+    ///     Error::redact_url("redis://app:s3cret@10.0.0.1:6379/2"),
+    ///     "redis://app:***@10.0.0.1:6379/2"
+    /// );
+    /// assert_eq!(Error::redact_url("nats://s3cret@10.0.0.1:4222"), "nats://***@10.0.0.1:4222");
+    /// assert_eq!(
+    ///     Error::redact_url("quorum:etcd://a:pw@h1;redis://h2;redis://:pw@h3"),
+    ///     "quorum:etcd://a:***@h1;redis://h2;redis://:***@h3"
+    /// );
+    /// ```
+    pub fn redact_url(url: &str) -> String {
+        match url.strip_prefix("quorum:") {
+            Some(members) => {
+                let members: Vec<String> = members.split(';').map(redact_one).collect();
+                format!("quorum:{}", members.join(";"))
+            }
+            None => redact_one(url),
+        }
+    }
+
     /// A [`Error::Backend`] wrapping a store client's error.
     pub fn backend(
         driver: &'static str,
@@ -161,10 +229,78 @@ impl Error {
     }
 
     /// Whether retrying the same call later may succeed (store trouble rather than a definite answer).
+    ///
+    /// [`Error::Connect`] is not counted: a store that is down may come up, but refused credentials
+    /// or a TLS mismatch stay; its reason says which.
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Backend { .. })
     }
 }
 
+/// Redacts one store URL. The credentials end at the last `@` before the query or fragment, so a
+/// password with an unencoded `/` or `@` is hidden whole rather than shown in part; a `@` inside a
+/// query value (a file path) is not taken for the end of credentials.
+fn redact_one(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let head_end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..head_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let shown = match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    let tail = &rest[at..];
+    match scheme {
+        Some(scheme) => format!("{scheme}://{shown}{tail}"),
+        None => format!("{shown}{tail}"),
+    }
+}
+
 /// `Result` with dlock's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_hides_every_secret_and_keeps_the_rest() {
+        for (url, shown) in [
+            ("redis://h:1?x=@", "redis://h:1?x=@"),
+            ("redis://u@h:1", "redis://***@h:1"),
+            ("redis://u:pa/ss@h:1/0", "redis://u:***@h:1/0"),
+            ("redis://u:p@ss@h:1", "redis://u:***@h:1"),
+            (
+                "nats://h:1?creds=/home/me@corp/a.creds",
+                "nats://h:1?creds=/home/me@corp/a.creds",
+            ),
+            ("u:s3cret@h:1", "u:***@h:1"),
+            ("etcd://h1,h2", "etcd://h1,h2"),
+            ("mem://", "mem://"),
+            ("quorum:mem://a;;nats://t@h", "quorum:mem://a;;nats://***@h"),
+        ] {
+            assert_eq!(Error::redact_url(url), shown, "{url}");
+            assert_eq!(Error::redact_url(shown), shown, "twice: {url}");
+        }
+    }
+
+    #[test]
+    fn connect_errors_are_one_line_without_a_source() {
+        let err = Error::connect(
+            "redis",
+            "redis://app:s3cret@h:1",
+            "connection refused",
+            "start it",
+        );
+        assert_eq!(
+            err.to_string(),
+            "cannot connect to redis://app:***@h:1: connection refused; start it"
+        );
+        assert!(std::error::Error::source(&err).is_none());
+        assert!(!err.is_transient());
+    }
+}

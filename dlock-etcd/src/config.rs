@@ -40,25 +40,7 @@ pub(crate) struct TlsFiles {
 }
 
 fn invalid(url: &str, reason: impl Into<String>) -> Error {
-    Error::InvalidUrl {
-        url: url.to_owned(),
-        reason: reason.into(),
-    }
-}
-
-/// Replaces the password (between `user:` and `@`) so that errors never repeat it.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
-        }
-        None => url.to_owned(),
-    }
+    Error::invalid_url(url, reason)
 }
 
 /// Decodes `%XX` escapes; `None` on a malformed escape or non-UTF-8 result.
@@ -140,7 +122,7 @@ fn millis(url: &str, name: &str, value: &str) -> Result<Duration> {
 impl Config {
     /// Parses `etcd://[USER:PASSWORD@]HOST[:PORT][,HOST[:PORT]…][/][?PARAM=VALUE&…]` (or `etcds://`).
     pub fn parse(url: &str) -> Result<Self> {
-        let redacted = redact(url);
+        let redacted = Error::redact_url(url);
         let shown = redacted.as_str();
         let (scheme, rest) = url
             .split_once("://")
@@ -406,7 +388,8 @@ mod tests {
     #[test]
     fn passwords_never_reach_messages() {
         assert!(reason("etcd://bob:s3cret@a:1?x=1").contains("unknown"));
-        assert_eq!(redact("etcd://bob:s3cret@h:1"), "etcd://bob:***@h:1");
-        assert_eq!(redact("etcd://h:1"), "etcd://h:1");
+        assert!(reason("etcd://s3cret@a:1").contains("USER:PASSWORD"));
+        let c = Config::parse("etcd://bob:s3cret@h:1").unwrap();
+        assert_eq!(c.redacted, "etcd://bob:***@h:1");
     }
 }

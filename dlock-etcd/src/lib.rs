@@ -267,24 +267,12 @@ impl EtcdDriver {
             config.timeout,
         ));
         let user = config.user.as_ref().map(|(u, _)| u.clone());
-        let fail = |e: pool::CallError| {
-            let err = pool::to_error(e, user.as_deref());
-            match err {
-                Error::Backend {
-                    driver,
-                    message,
-                    source,
-                } => Error::Backend {
-                    driver,
-                    message: format!("connecting to {}: {message}", config.redacted),
-                    source,
-                },
-                other => other,
-            }
-        };
+        let range = format!("{}/", config.prefix);
+        let fail =
+            |e: pool::Failed| pool::connect_error(e, &config.redacted, user.as_deref(), &range);
         // A lease asked for 1 s comes back with etcd's minimum TTL.
         let probe = pool
-            .call("lease grant", config.timeout, |client| async move {
+            .first_call("lease grant", config.timeout, |client| async move {
                 client.lease_client().grant(1, None).await
             })
             .await
@@ -295,8 +283,7 @@ impl EtcdDriver {
                 client.lease_client().revoke(probe_id).await
             })
             .await;
-        let range = format!("{}/", config.prefix);
-        pool.call("read the key prefix", config.timeout, |client| {
+        pool.first_call("read the key prefix", config.timeout, |client| {
             let range = range.clone();
             async move {
                 client

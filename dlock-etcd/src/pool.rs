@@ -44,6 +44,125 @@ pub(crate) fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// What went wrong with one attempt on one member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// Nothing listens on the member's port.
+    Refused,
+    /// No answer within the request timeout.
+    NoAnswer(Duration),
+    /// The TLS handshake failed (for a plaintext server behind `etcds://`, among others).
+    Tls(String),
+    /// Anything else, in as few words as the client's error allows.
+    Other(String),
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::Refused => f.write_str("connection refused"),
+            Cause::NoAnswer(d) => write!(f, "no answer within {d:?}"),
+            Cause::Tls(why) => write!(f, "TLS handshake failed ({why})"),
+            Cause::Other(why) => f.write_str(why),
+        }
+    }
+}
+
+impl Cause {
+    /// The cause of a failed attempt: the client's errors wrap the socket's own error several
+    /// layers deep (`tonic` status → transport error → connect error → I/O error), and each layer
+    /// prints the ones below it, so the innermost I/O error is what says it in the fewest words.
+    fn of(e: &etcd_client::Error, tls: bool) -> Cause {
+        // `etcd_client::Error` has no `source()`; its variants hold the next layer.
+        let mut layer: Option<&(dyn std::error::Error + 'static)> = match e {
+            etcd_client::Error::GRpcStatus(status) => Some(status),
+            etcd_client::Error::TransportError(transport) => Some(transport),
+            etcd_client::Error::IoError(io) => Some(io),
+            _ => None,
+        };
+        while let Some(err) = layer {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                let text = io.to_string();
+                return match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => Cause::Refused,
+                    // A server without TLS drops the connection on the first bytes of a handshake.
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                        if tls =>
+                    {
+                        Cause::Tls("the server closed the connection".into())
+                    }
+                    // rustls, inside an I/O error (this crate does not link rustls to look).
+                    _ if [
+                        "certificate",
+                        "tls",
+                        "alert",
+                        "handshake",
+                        "corrupt message",
+                    ]
+                    .iter()
+                    .any(|w| text.to_lowercase().contains(w)) =>
+                    {
+                        Cause::Tls(text)
+                    }
+                    _ => Cause::Other(text),
+                };
+            }
+            layer = err.source();
+        }
+        match e {
+            etcd_client::Error::GRpcStatus(status) => Cause::Other(status.message().to_owned()),
+            other => Cause::Other(other.to_string()),
+        }
+    }
+}
+
+/// One failed attempt.
+#[derive(Debug, Clone)]
+pub(crate) struct Attempt {
+    /// The member, as `host:port`.
+    pub member: String,
+    pub cause: Cause,
+}
+
+/// The attempts of one call, each member and each distinct cause once: "connection refused at
+/// 127.0.0.1:1", "connection refused at every member (a:1, b:2)", or "a:1: connection refused;
+/// b:2: no answer within 3s".
+pub(crate) fn summary(attempts: &[Attempt]) -> String {
+    let mut members: Vec<(&str, Vec<&Cause>)> = Vec::new();
+    for a in attempts {
+        match members.iter_mut().find(|(m, _)| *m == a.member) {
+            Some((_, causes)) if causes.contains(&&a.cause) => {}
+            Some((_, causes)) => causes.push(&a.cause),
+            None => members.push((&a.member, vec![&a.cause])),
+        }
+    }
+    let first = members.first().map(|(_, c)| c.clone()).unwrap_or_default();
+    if first.len() == 1 && members.iter().all(|(_, c)| *c == first) {
+        let names: Vec<&str> = members.iter().map(|(m, _)| *m).collect();
+        return match names.as_slice() {
+            [one] => format!("{} at {one}", first[0]),
+            _ => format!("{} at every member ({})", first[0], names.join(", ")),
+        };
+    }
+    members
+        .iter()
+        .map(|(m, causes)| {
+            let causes: Vec<String> = causes.iter().map(|c| c.to_string()).collect();
+            format!("{m}: {}", causes.join(", then "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How a call failed, before it is worded for the caller.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    /// The store answered, and retrying elsewhere would not change the answer.
+    Refused(etcd_client::Error),
+    /// No member gave an answer.
+    Unreachable(Vec<Attempt>),
+}
+
 /// Turns a failed call into the user-facing error, with a plain word for the usual auth mistakes.
 pub(crate) fn to_error(err: CallError, user: Option<&str>) -> Error {
     match err {
@@ -79,6 +198,60 @@ pub(crate) fn to_error(err: CallError, user: Option<&str>) -> Error {
             }
         }
     }
+}
+
+/// Maps a failure of the first calls of a connect to [`Error::Connect`], with what to check.
+pub(crate) fn connect_error(failed: Failed, url: &str, user: Option<&str>, prefix: &str) -> Error {
+    let (reason, hint) = match failed {
+        Failed::Unreachable(attempts) => {
+            let has = |f: fn(&Cause) -> bool| attempts.iter().any(|a| f(&a.cause));
+            let hint = if has(|c| matches!(c, Cause::Tls(_))) {
+                "check ?tls_ca=PATH (for a private CA), ?tls_cert=PATH&tls_key=PATH (for a server that asks for a client certificate), and that the server speaks TLS (for one without, write etcd://)"
+            } else if has(|c| matches!(c, Cause::Refused)) {
+                "check that etcd is running there and that the URL's hosts and ports are right"
+            } else if has(|c| matches!(c, Cause::NoAnswer(_))) {
+                "check that etcd is running there and that no firewall drops the connection; ?timeout_ms=N waits longer for each member"
+            } else {
+                "check that the URL names etcd client ports (2379 by default); for a TLS server write etcds://"
+            };
+            (summary(&attempts), hint.to_owned())
+        }
+        Failed::Refused(e) => {
+            let text = match &e {
+                etcd_client::Error::GRpcStatus(status) => status.message().to_owned(),
+                other => other.to_string(),
+            };
+            let said = text.trim_start_matches("etcdserver: ");
+            let anonymous = ["user name is empty", "invalid auth token"];
+            let refused = [
+                "authentication failed",
+                "user name not found",
+                "invalid user ID or password",
+            ];
+            match user {
+                None if anonymous.iter().any(|a| text.contains(a)) => (
+                    "authentication failed: the server requires a user name and password, and the URL gives none".to_owned(),
+                    "put them in the URL: etcd://USER:PASSWORD@HOST:PORT, with ':', '@' and '%' percent-encoded".to_owned(),
+                ),
+                Some(u) if refused.iter().any(|a| text.contains(a)) => (
+                    format!("etcd refused user {u:?}: {said}"),
+                    "check the user name and password in the URL (etcd://USER:PASSWORD@HOST:PORT, with ':', '@' and '%' percent-encoded)".to_owned(),
+                ),
+                _ if text.contains("permission denied") => (
+                    format!(
+                        "{} may not read the keys under {prefix:?} ({said})",
+                        user.map_or_else(|| "this client".to_owned(), |u| format!("user {u:?}"))
+                    ),
+                    format!("grant one of the user's roles readwrite access to that prefix (etcdctl role grant-permission ROLE readwrite --prefix {prefix}), or pick another ?prefix="),
+                ),
+                _ => (
+                    said.to_owned(),
+                    "check that the URL names an etcd v3 server (3.4 or later)".to_owned(),
+                ),
+            }
+        }
+    };
+    Error::connect(DRIVER, url, reason, hint)
 }
 
 /// Whether the same call may succeed on another member (or later).
@@ -161,6 +334,15 @@ impl Pool {
             .await
     }
 
+    /// The member `host:port` of endpoint `i`, for messages.
+    fn member(&self, i: usize) -> String {
+        let endpoint = &self.endpoints[i];
+        endpoint
+            .split_once("://")
+            .map_or(endpoint.as_str(), |(_, m)| m)
+            .to_owned()
+    }
+
     /// Moves the preference off member `i` (unless someone else already did).
     fn skip(&self, i: usize) {
         let next = (i + 1) % self.endpoints.len();
@@ -191,30 +373,73 @@ impl Pool {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let n = self.endpoints.len();
-        let attempts = 2 * n;
-        let mut failures = Vec::new();
-        for attempt in 0..attempts {
-            let i = self.current.load(Ordering::SeqCst) % n;
-            let outcome = tokio::time::timeout(timeout, async {
-                let client = self.client_at(i).await?;
-                op(client).await
+        self.try_members(what, timeout, true, op)
+            .await
+            .map_err(|failed| match failed {
+                Failed::Refused(e) => CallError::Refused(e),
+                Failed::Unreachable(attempts) => CallError::Unavailable(format!(
+                    "{what} failed on every etcd member: {}",
+                    summary(&attempts)
+                )),
             })
-            .await;
-            match outcome {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(e)) if !retryable(&e) => return Err(CallError::Refused(e)),
-                Ok(Err(e)) => {
-                    tracing::debug!(member = %self.endpoints[i], error = %e, what, "dlock-etcd: call failed");
-                    failures.push(format!("{}: {e}", self.endpoints[i]));
-                }
-                Err(_) => {
-                    tracing::debug!(member = %self.endpoints[i], what, "dlock-etcd: call timed out");
-                    failures.push(format!(
-                        "{}: no answer within {timeout:?}",
-                        self.endpoints[i]
-                    ));
-                }
+    }
+
+    /// [`Pool::call`] for the first calls of a connect, which tries a member that did not answer
+    /// only once: so a connect to members that never answer gives up after one `timeout` per
+    /// member, while one refused (a member still starting, say) is tried again.
+    pub async fn first_call<T, F, Fut>(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        op: F,
+    ) -> Result<T, Failed>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.try_members(what, timeout, false, op).await
+    }
+
+    async fn try_members<T, F, Fut>(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        retry_silent: bool,
+        op: F,
+    ) -> Result<T, Failed>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.endpoints.len();
+        let mut attempts: Vec<Attempt> = Vec::new();
+        for attempt in 0..2 * n {
+            let i = self.current.load(Ordering::SeqCst) % n;
+            let silent_before = attempts
+                .iter()
+                .any(|a| a.member == self.member(i) && matches!(a.cause, Cause::NoAnswer(_)));
+            if retry_silent || !silent_before {
+                let outcome = tokio::time::timeout(timeout, async {
+                    let client = self.client_at(i).await?;
+                    op(client).await
+                })
+                .await;
+                let cause = match outcome {
+                    Ok(Ok(value)) => return Ok(value),
+                    Ok(Err(e)) if !retryable(&e) => return Err(Failed::Refused(e)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(member = %self.endpoints[i], error = %e, what, "dlock-etcd: call failed");
+                        Cause::of(&e, self.endpoints[i].starts_with("https://"))
+                    }
+                    Err(_) => {
+                        tracing::debug!(member = %self.endpoints[i], what, "dlock-etcd: call timed out");
+                        Cause::NoAnswer(timeout)
+                    }
+                };
+                attempts.push(Attempt {
+                    member: self.member(i),
+                    cause,
+                });
             }
             self.skip(i);
             // A second round over the same members only helps after a pause (elections take about
@@ -223,9 +448,46 @@ impl Pool {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        Err(CallError::Unavailable(format!(
-            "{what} failed on every etcd member: {}",
-            failures.join("; ")
-        )))
+        Err(Failed::Unreachable(attempts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(member: &str, cause: Cause) -> Attempt {
+        Attempt {
+            member: member.into(),
+            cause,
+        }
+    }
+
+    #[test]
+    fn summaries_name_each_member_and_cause_once() {
+        let refused = |m| at(m, Cause::Refused);
+        assert_eq!(
+            summary(&[refused("a:1"), refused("a:1")]),
+            "connection refused at a:1"
+        );
+        assert_eq!(
+            summary(&[
+                refused("a:1"),
+                refused("b:2"),
+                refused("a:1"),
+                refused("b:2")
+            ]),
+            "connection refused at every member (a:1, b:2)"
+        );
+        let slow = at("b:2", Cause::NoAnswer(Duration::from_secs(3)));
+        assert_eq!(
+            summary(&[
+                refused("a:1"),
+                slow.clone(),
+                at("a:1", Cause::Other("reset".into())),
+                slow
+            ]),
+            "a:1: connection refused, then reset; b:2: no answer within 3s"
+        );
     }
 }

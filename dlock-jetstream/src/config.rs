@@ -61,10 +61,7 @@ pub(crate) struct Settings {
 const DEFAULT_PORT: u16 = 4222;
 
 fn invalid(url: &str, reason: impl Into<String>) -> Error {
-    Error::InvalidUrl {
-        url: url.to_owned(),
-        reason: reason.into(),
-    }
+    Error::invalid_url(url, reason)
 }
 
 fn decode(s: &str) -> String {
@@ -78,7 +75,7 @@ fn millis(url: &str, key: &str, value: &str) -> Result<Duration> {
         .map_err(|_| {
             invalid(
                 url,
-                format!("{key}={value:?} is not a number of milliseconds"),
+                format!("{key}={value:?} is not a number; write a whole number of milliseconds"),
             )
         })
 }
@@ -137,7 +134,6 @@ impl Settings {
             Some((u, h)) => (Some(u), h),
             None => (None, authority),
         };
-        let redacted_authority = hosts;
         let auth = match userinfo {
             None => Auth::None,
             Some(u) => match u.split_once(':') {
@@ -152,16 +148,23 @@ impl Settings {
             if host.is_empty() {
                 return Err(invalid(url, "an empty server address in the host list"));
             }
-            let with_port = if host.starts_with('[') {
-                if host.contains("]:") {
-                    host.to_owned()
-                } else {
-                    format!("{host}:{DEFAULT_PORT}")
-                }
-            } else if host.contains(':') {
-                host.to_owned()
+            let port = if host.starts_with('[') {
+                host.split_once("]:").map(|(_, p)| p)
             } else {
-                format!("{host}:{DEFAULT_PORT}")
+                host.rsplit_once(':').map(|(_, p)| p)
+            };
+            let with_port = match port.map(str::parse::<u16>) {
+                None => format!("{host}:{DEFAULT_PORT}"),
+                Some(Ok(1..)) => host.to_owned(),
+                Some(_) => {
+                    return Err(invalid(
+                        url,
+                        format!(
+                            "invalid port {:?} in {host:?}; ports are 1 to 65535 (NATS listens on 4222 by default)",
+                            port.unwrap_or_default()
+                        ),
+                    ))
+                }
             };
             servers.push(with_port);
         }
@@ -179,7 +182,7 @@ impl Settings {
             timeout: Duration::from_secs(5),
             recheck: Duration::from_secs(5),
             discover: true,
-            redacted: format!("{scheme}://{redacted_authority}"),
+            redacted: Error::redact_url(url),
         };
         let mut cert = None;
         let mut key = None;
@@ -207,7 +210,7 @@ impl Settings {
                 }
                 "replicas" => {
                     let n: usize = v.parse().map_err(|_| {
-                        invalid(url, format!("replicas={v:?} is not a number"))
+                        invalid(url, format!("replicas={v:?} is not a number; use 1 to 5"))
                     })?;
                     if !(1..=5).contains(&n) {
                         return Err(invalid(url, format!("replicas={n}: JetStream allows 1 to 5")));
@@ -296,7 +299,10 @@ mod tests {
         assert_eq!(s.stream, "LOCKS");
         assert_eq!(s.lease, Some(LeaseMode::ClientClock));
         assert!(!s.discover && !s.tls);
-        assert_eq!(s.redacted, "nats://127.0.0.1:4333,127.0.0.1");
+        assert_eq!(
+            s.redacted,
+            "nats://u%40x:***@127.0.0.1:4333,127.0.0.1?replicas=3&stream=LOCKS&lease=clock&discover=false"
+        );
 
         let s = Settings::parse("tls://s3cret@localhost:4443?ca=/tmp/ca.pem").unwrap();
         assert!(s.tls);
@@ -318,9 +324,20 @@ mod tests {
             ("nats://h?colour=blue", "unknown parameter \"colour\""),
             ("nats://h?cert=/c", "go together"),
             ("nats://h/path", "no path"),
+            ("nats://h:42x", "invalid port \"42x\""),
+            ("nats://h:0", "invalid port \"0\""),
+            ("nats://[::1]:x", "invalid port \"x\""),
         ] {
             let msg = Settings::parse(url).unwrap_err().to_string();
             assert!(msg.contains(says), "{url}: {msg}");
+        }
+        for url in [
+            "natsx://app:s3cret@h",
+            "nats://app:s3cret@h?replicas=x",
+            "nats://s3cret@h:1?colour=blue",
+        ] {
+            let msg = Settings::parse(url).unwrap_err().to_string();
+            assert!(!msg.contains("s3cret"), "the secret leaked: {msg}");
         }
     }
 }

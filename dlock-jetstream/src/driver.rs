@@ -248,21 +248,25 @@ impl JetStreamDriver {
         let client = connect_client(&settings).await?;
         let info = client.server_info();
         if !info.jetstream {
-            return Err(backend_msg(format!(
-                "JetStream is not enabled on the NATS server at {}; start nats-server with -js (or a jetstream {{}} block)",
-                settings.redacted
-            )));
+            return Err(Error::connect(
+                DRIVER,
+                &settings.redacted,
+                "JetStream is not enabled on the server",
+                "start nats-server with -js (or a jetstream {} block in its configuration)",
+            ));
         }
         let version = info.version.clone();
         let js = jetstream::ContextBuilder::new()
             .timeout(settings.timeout)
             .build(client.clone());
-        let (mode, replicas) = ensure_stream(&js, &settings, &version).await?;
+        let (mode, replicas) = ensure_stream(&js, &settings, &version)
+            .await
+            .map_err(|e| stream_error(&settings, e))?;
         let verify = verify_writes(&version, replicas);
         let stream = js
             .get_stream_no_info(&settings.stream)
             .await
-            .map_err(backend)?;
+            .map_err(|e| stream_error(&settings, backend(e)))?;
         let mut caps = Capabilities::new(DRIVER);
         caps.modes = LockMode::ALL.to_vec();
         caps.fencing = true;
@@ -328,21 +332,94 @@ impl JetStreamDriver {
     }
 }
 
-fn auth_error(settings: &Settings, err: async_nats::ConnectError) -> Error {
-    let what = match settings.auth {
-        Auth::None => "no credentials were given",
-        Auth::UserPassword(..) => "the user/password was rejected",
-        Auth::Token(_) => "the token was rejected",
-        Auth::Creds(_) => "the creds file was rejected",
-    };
-    Error::Backend {
-        driver: DRIVER,
-        message: format!(
-            "authentication failed at {}: {what} (the server said: {err}); check the credentials in the URL",
-            settings.redacted
+/// A store failure while setting up the lock stream, as an [`Error::Connect`]; other errors (a
+/// stream that cannot hold locks, a lease mode the server lacks) already say what to do.
+fn stream_error(settings: &Settings, err: Error) -> Error {
+    match err {
+        Error::Backend { message, .. } => Error::connect(
+            DRIVER,
+            &settings.redacted,
+            format!("setting up the lock stream {:?} failed: {message}", settings.stream),
+            "check that the account may use JetStream and create streams, and that the server has room for a file stream (its log says more)",
         ),
-        source: Some(Box::new(err)),
+        other => other,
     }
+}
+
+/// Maps a failed NATS connect to [`Error::Connect`]: what went wrong, in the fewest words the
+/// client's error allows (its innermost cause), and what to check.
+fn connect_error(settings: &Settings, err: &async_nats::ConnectError) -> Error {
+    let servers = settings.servers.join(", ");
+    let cause = std::error::Error::source(err).map_or_else(|| err.to_string(), |c| c.to_string());
+    let tls_words = ["certificate", "corrupt message", "handshake", "tls", "TLS"];
+    let (reason, hint) = match err.kind() {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+            let (what, hint) = match &settings.auth {
+                Auth::None => (
+                    "the server requires credentials and the URL gives none".to_owned(),
+                    "put them in the URL: nats://USER:PASSWORD@HOST:PORT, nats://TOKEN@HOST:PORT, or ?creds=PATH",
+                ),
+                Auth::UserPassword(user, _) => (
+                    format!("the server refused user {user:?} with this password"),
+                    "check the user name and password in the URL (nats://USER:PASSWORD@HOST:PORT, percent-encoded)",
+                ),
+                Auth::Token(_) => (
+                    "the server refused the token".to_owned(),
+                    "check the token in the URL (nats://TOKEN@HOST:PORT, percent-encoded)",
+                ),
+                Auth::Creds(path) => (
+                    format!("the server refused the credentials in {}", path.display()),
+                    "check that the creds file belongs to a user of this server's account",
+                ),
+            };
+            (
+                format!("authentication failed: {what} ({cause})"),
+                hint.to_owned(),
+            )
+        }
+        ConnectErrorKind::TimedOut => (
+            format!("no answer from {servers} within {:?}", settings.timeout),
+            format!(
+                "check that nats-server is running there, that no firewall drops the connection, and that the server {}; ?timeout_ms=N waits longer",
+                if settings.tls {
+                    "speaks TLS (for one without, use nats://)"
+                } else {
+                    "does not require TLS (for one that does, use tls://)"
+                }
+            ),
+        ),
+        ConnectErrorKind::Dns => (
+            format!("the host name does not resolve ({cause})"),
+            "check the host names in the URL".to_owned(),
+        ),
+        ConnectErrorKind::Io
+            if std::error::Error::source(err)
+                .and_then(|c| c.downcast_ref::<std::io::Error>())
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) =>
+        {
+            (
+                format!("connection refused at {servers}"),
+                "check that nats-server is running there and that the URL's hosts and ports are right"
+                    .to_owned(),
+            )
+        }
+        // rustls reports a certificate it does not trust, or a server that answers in plain text,
+        // as an I/O error.
+        kind if kind == ConnectErrorKind::Tls
+            || (settings.tls && tls_words.iter().any(|w| cause.contains(w))) =>
+        {
+            (
+                format!("the TLS handshake with {servers} failed ({cause})"),
+                "check ca=, cert= and key=, and that the server has TLS (for one without, use nats://)"
+                    .to_owned(),
+            )
+        }
+        _ => (
+            format!("{cause} (servers tried: {servers})"),
+            "check that the URL names nats-server client ports (4222 by default)".to_owned(),
+        ),
+    };
+    Error::connect(DRIVER, &settings.redacted, reason, hint)
 }
 
 async fn connect_client(settings: &Settings) -> Result<async_nats::Client> {
@@ -354,14 +431,12 @@ async fn connect_client(settings: &Settings) -> Result<async_nats::Client> {
         Auth::None => opts,
         Auth::UserPassword(u, p) => opts.user_and_password(u.clone(), p.clone()),
         Auth::Token(t) => opts.token(t.clone()),
-        Auth::Creds(path) => opts
-            .credentials_file(path)
-            .await
-            .map_err(|e| Error::Backend {
-                driver: DRIVER,
-                message: format!("cannot read the creds file {}: {e}", path.display()),
-                source: Some(Box::new(e)),
-            })?,
+        Auth::Creds(path) => opts.credentials_file(path).await.map_err(|e| {
+            Error::invalid_url(
+                &settings.redacted,
+                format!("creds={}: cannot read it: {e}", path.display()),
+            )
+        })?,
     };
     if settings.tls {
         opts = opts.require_tls(true);
@@ -379,37 +454,17 @@ async fn connect_client(settings: &Settings) -> Result<async_nats::Client> {
         .servers
         .iter()
         .map(|s| {
-            format!("nats://{s}")
-                .parse::<ServerAddr>()
-                .map_err(|e| Error::InvalidUrl {
-                    url: settings.redacted.clone(),
-                    reason: format!("bad server address {s:?}: {e}"),
-                })
+            format!("nats://{s}").parse::<ServerAddr>().map_err(|e| {
+                Error::invalid_url(
+                    &settings.redacted,
+                    format!("bad server address {s:?} ({e}); write nats://HOST:PORT,HOST:PORT"),
+                )
+            })
         })
         .collect::<Result<Vec<_>>>()?;
-    opts.connect(addrs).await.map_err(|err| match err.kind() {
-        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
-            auth_error(settings, err)
-        }
-        // rustls reports a certificate it does not trust as an I/O error.
-        kind if kind == ConnectErrorKind::Tls
-            || (settings.tls && err.to_string().contains("certificate")) =>
-        {
-            Error::Backend {
-            driver: DRIVER,
-            message: format!(
-                "TLS with the NATS server at {} failed: {err}; check ca=, cert=, key= and that the server has TLS",
-                settings.redacted
-            ),
-            source: Some(Box::new(err)),
-            }
-        }
-        _ => Error::Backend {
-            driver: DRIVER,
-            message: format!("cannot connect to NATS at {}: {err}", settings.redacted),
-            source: Some(Box::new(err)),
-        },
-    })
+    opts.connect(addrs)
+        .await
+        .map_err(|err| connect_error(settings, &err))
 }
 
 /// How many messages each subject keeps where writes are verified: enough to see every write that
@@ -540,7 +595,8 @@ async fn ensure_stream(
             return Err(Error::Unsupported {
                 driver: DRIVER,
                 what: format!(
-                    "lease=ttl needs NATS 2.11 or newer (per-message TTL); the server is {version}"
+                    "lease=ttl needs NATS 2.11 or newer (per-message TTL); the server at {} is {version}",
+                    settings.redacted
                 ),
             })
         }
@@ -559,10 +615,12 @@ async fn ensure_stream(
                 Ok(stream) => {
                     let cfg = &stream.cached_info().config;
                     if let Some(why) = incompatibility(cfg, settings, version) {
-                        return Err(backend_msg(format!(
-                            "the stream {:?} exists but cannot hold locks: {why}; use another stream= (and prefix=) or delete it",
-                            settings.stream
-                        )));
+                        return Err(Error::connect(
+                            DRIVER,
+                            &settings.redacted,
+                            format!("the stream {:?} exists but cannot hold locks: {why}", settings.stream),
+                            "use another stream= (and prefix=), or delete that stream",
+                        ));
                     }
                     let mode = if cfg.allow_message_ttl {
                         LeaseMode::ServerTtl
@@ -590,10 +648,7 @@ async fn ensure_stream(
             Ok(Some(found)) => return Ok(found),
             // Created: read it back and check it like any other.
             Ok(None) => continue,
-            Err(err @ Error::Backend { .. })
-                if Instant::now() + backoff < give_up
-                    && !err.to_string().contains("cannot hold locks") =>
-            {
+            Err(err @ Error::Backend { .. }) if Instant::now() + backoff < give_up => {
                 tracing::debug!(error = %err, "dlock-jetstream: stream not ready; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));

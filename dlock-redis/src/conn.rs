@@ -21,6 +21,8 @@ const KEY_PREFIX: &str = "key_prefix";
 
 /// What a URL asks for.
 pub(crate) struct Target {
+    /// The URL as given, for errors (which redact it).
+    pub url: String,
     /// One node, or the seed nodes of a cluster.
     pub nodes: Vec<ConnectionInfo>,
     pub cluster: bool,
@@ -28,31 +30,54 @@ pub(crate) struct Target {
     pub key_prefix: Option<String>,
 }
 
+const TLS_PARAMS: [&str; 3] = [TLS_CA, TLS_CERT, TLS_KEY];
+const PARAMS: &str = "tls_ca, tls_cert, tls_key, key_prefix, protocol";
+const FORM: &str = "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?PARAM=VALUE&…]";
+
 fn invalid(url: &str, reason: impl Into<String>) -> Error {
-    Error::InvalidUrl {
-        url: redact(url),
-        reason: reason.into(),
-    }
+    Error::invalid_url(url, reason)
 }
 
-/// The URL with any password replaced by `***`, for error messages.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let shown = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                user.to_owned()
+/// Checks one `HOST[:PORT]` of the host list, so that a typo gets a reason the `redis` crate's
+/// parser does not give ("Redis URL did not parse").
+fn check_host(url: &str, hostport: &str) -> Result<()> {
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, after) = v6
+                .split_once(']')
+                .ok_or_else(|| invalid(url, format!("unclosed '[' in host {hostport:?}")))?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(|| {
+                    invalid(url, format!("expected ':PORT' after ']' in {hostport:?}"))
+                })?),
             };
-            format!("{scheme}://{shown}@{hosts}{tail}")
+            (addr, port)
         }
-        None => url.to_owned(),
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        },
+    };
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '/' | '@' | '%' | '[' | ']'))
+    {
+        return Err(invalid(
+            url,
+            format!("invalid host {host:?} in {hostport:?}; write {FORM}"),
+        ));
+    }
+    match port.map(str::parse::<u16>) {
+        None | Some(Ok(1..)) => Ok(()),
+        Some(_) => Err(invalid(
+            url,
+            format!(
+                "invalid port {:?} in {hostport:?}; ports are 1 to 65535 (Redis listens on 6379 by default)",
+                port.unwrap_or_default()
+            ),
+        )),
     }
 }
 
@@ -108,25 +133,47 @@ pub(crate) fn parse(url: &str) -> Result<Target> {
         None => (None, authority),
     };
 
+    // Only `protocol` means something to the `redis` crate (it ignores what it does not know), so
+    // it is the one parameter passed on; anything else is refused rather than silently dropped.
     let mut passed = Vec::new();
     let (mut ca, mut cert, mut key, mut key_prefix) = (None, None, None, None);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let value =
-            || percent_decode(v).ok_or_else(|| invalid(url, format!("{k}: bad percent-encoding")));
+        let value = || {
+            percent_decode(v).ok_or_else(|| {
+                invalid(
+                    url,
+                    format!("{k}: bad percent-encoding; write a '%' as %25"),
+                )
+            })
+        };
+        if !tls && TLS_PARAMS.contains(&k) {
+            return Err(invalid(
+                url,
+                format!("{k} needs TLS: use rediss:// (or rediss+cluster://)"),
+            ));
+        }
         match k {
             TLS_CA => ca = Some(value()?),
             TLS_CERT => cert = Some(value()?),
             TLS_KEY => key = Some(value()?),
             KEY_PREFIX => key_prefix = Some(value()?),
-            _ => passed.push(pair),
+            "protocol" => match value()?.as_str() {
+                "2" | "resp2" | "3" | "resp3" => passed.push(pair),
+                other => {
+                    return Err(invalid(
+                        url,
+                        format!("protocol={other:?}: use resp2 or resp3"),
+                    ))
+                }
+            },
+            _ => {
+                return Err(invalid(
+                    url,
+                    format!("unknown query parameter {k:?}; known: {PARAMS}"),
+                ))
+            }
         }
-    }
-    if !tls && (ca.is_some() || cert.is_some() || key.is_some()) {
-        return Err(invalid(
-            url,
-            "tls_ca, tls_cert and tls_key need a rediss:// URL",
-        ));
     }
     let certs = match (ca, cert, key) {
         (None, None, None) => None,
@@ -155,7 +202,7 @@ pub(crate) fn parse(url: &str) -> Result<Target> {
     if hosts.iter().any(|h| h.is_empty()) {
         return Err(invalid(
             url,
-            "expected HOST[:PORT] (comma-separated for a cluster)",
+            format!("no host given; write {FORM} (hosts comma-separated for a cluster)"),
         ));
     }
     if !cluster && hosts.len() > 1 {
@@ -164,7 +211,17 @@ pub(crate) fn parse(url: &str) -> Result<Target> {
             "several hosts need the redis+cluster:// (or rediss+cluster://) scheme",
         ));
     }
-    if cluster && !matches!(path, "" | "/" | "/0") {
+    for host in &hosts {
+        check_host(url, host)?;
+    }
+    let db = path.strip_prefix('/').unwrap_or(path);
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return Err(invalid(
+            url,
+            format!("invalid database {db:?}: the path is a database number, as in /0"),
+        ));
+    }
+    if cluster && !matches!(db, "" | "0") {
         return Err(invalid(url, "Redis Cluster has only database 0"));
     }
     let base = if tls { "rediss" } else { "redis" };
@@ -179,12 +236,16 @@ pub(crate) fn parse(url: &str) -> Result<Target> {
         .iter()
         .map(|host| {
             let node = format!("{base}://{userinfo}{host}{path}{query}{fragment}");
-            node.as_str()
-                .into_connection_info()
-                .map_err(|e| invalid(url, e.to_string()))
+            node.as_str().into_connection_info().map_err(|e| {
+                // What the checks above let through (a malformed IPv6 address, a wildcard address,
+                // credentials that are not UTF-8), in the crate's words minus its kind's name.
+                let why = e.to_string().replace(" - InvalidClientConfig", "");
+                invalid(url, format!("{why}; write {FORM}"))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Target {
+        url: url.to_owned(),
         nodes,
         cluster,
         certs,
@@ -222,12 +283,12 @@ pub(crate) struct Timeouts {
     pub response: Duration,
 }
 
-fn client(info: ConnectionInfo, certs: &Option<TlsCertificates>) -> Result<Client> {
-    match certs {
+fn client(target: &Target, info: ConnectionInfo, timeouts: Timeouts) -> Result<Client> {
+    match &target.certs {
         Some(certs) => Client::build_with_tls(info, certs.clone()),
         None => Client::open(info),
     }
-    .map_err(backend)
+    .map_err(|e| connect_error(target, timeouts, e))
 }
 
 fn with_protocol(info: &ConnectionInfo, protocol: ProtocolVersion) -> ConnectionInfo {
@@ -319,6 +380,7 @@ pub(crate) async fn connect(
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
     let server_version = probe(target, timeouts).await?;
+    let fail = |e| connect_error(target, timeouts, e);
     let push = move |info: PushInfo| {
         on_push(info);
         Ok::<(), std::convert::Infallible>(())
@@ -335,18 +397,18 @@ pub(crate) async fn connect(
         };
         let commands = build(ClusterClientBuilder::new(target.nodes.clone()))
             .build()
-            .map_err(backend)?
+            .map_err(fail)?
             .get_async_connection()
             .await
-            .map_err(backend)?;
+            .map_err(fail)?;
         let subscriber = build(ClusterClientBuilder::new(target.nodes.clone()))
             .use_protocol(ProtocolVersion::RESP3)
             .push_sender(push)
             .build()
-            .map_err(backend)?
+            .map_err(fail)?
             .get_async_connection()
             .await
-            .map_err(backend)?;
+            .map_err(fail)?;
         Ok(Connected {
             commands: Commands::Cluster(commands),
             subscriber: Subscriber::Cluster(subscriber),
@@ -358,17 +420,21 @@ pub(crate) async fn connect(
             .set_connection_timeout(Some(timeouts.connect))
             .set_response_timeout(Some(timeouts.response));
         let commands = ConnectionManager::new_with_config(
-            client(info.clone(), &target.certs)?,
+            client(target, info.clone(), timeouts)?,
             config.clone(),
         )
         .await
-        .map_err(backend)?;
+        .map_err(fail)?;
         let subscriber = ConnectionManager::new_with_config(
-            client(with_protocol(info, ProtocolVersion::RESP3), &target.certs)?,
+            client(
+                target,
+                with_protocol(info, ProtocolVersion::RESP3),
+                timeouts,
+            )?,
             config.set_push_sender(push).set_automatic_resubscription(),
         )
         .await
-        .map_err(backend)?;
+        .map_err(fail)?;
         Ok(Connected {
             commands: Commands::Single(commands),
             subscriber: Subscriber::Single(subscriber),
@@ -381,14 +447,15 @@ pub(crate) async fn connect(
 /// connections retry with backoff) and refuses servers too old for the scripts. Returns the server's
 /// version, unless the user may not run `INFO`.
 async fn probe(target: &Target, timeouts: Timeouts) -> Result<Option<String>> {
-    let client = client(target.nodes[0].clone(), &target.certs)?;
+    let fail = |e| connect_error(target, timeouts, e);
+    let client = client(target, target.nodes[0].clone(), timeouts)?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeouts.connect))
         .set_response_timeout(Some(timeouts.response));
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .map_err(backend)?;
+        .map_err(fail)?;
     let info: String = match redis::cmd("INFO")
         .arg("server")
         .query_async(&mut conn)
@@ -397,7 +464,7 @@ async fn probe(target: &Target, timeouts: Timeouts) -> Result<Option<String>> {
         Ok(info) => info,
         // An ACL user may lack INFO; the scripts will tell if the server is too old.
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) => return Ok(None),
-        Err(e) => return Err(backend(e)),
+        Err(e) => return Err(fail(e)),
     };
     let version = info
         .lines()
@@ -415,7 +482,8 @@ async fn probe(target: &Target, timeouts: Timeouts) -> Result<Option<String>> {
         return Err(Error::Unsupported {
             driver: DRIVER,
             what: format!(
-                "Redis {version}: the driver needs Redis 6.0 or later (RESP3 pub/sub), and 7.0 or later for Redis Cluster (sharded pub/sub)"
+                "Redis {version} at {}: the driver needs Redis 6.0 or later (RESP3 pub/sub), and 7.0 or later for Redis Cluster (sharded pub/sub)",
+                Error::redact_url(&target.url)
             ),
         });
     }
@@ -429,6 +497,74 @@ fn is_auth_failure(err: &RedisError) -> bool {
             let text = err.to_string();
             text.contains("WRONGPASS") || text.contains("NOAUTH")
         }
+}
+
+/// Maps an error met while connecting to [`Error::Connect`]: which node, what went wrong, and what
+/// to check.
+fn connect_error(target: &Target, timeouts: Timeouts, err: RedisError) -> Error {
+    let first = &target.nodes[0];
+    let node = first.addr().to_string();
+    let tls = matches!(first.addr(), redis::ConnectionAddr::TcpTls { .. });
+    // The client keeps its I/O errors behind an `Arc<dyn Error>`, out of reach of a downcast, so
+    // a TLS failure (rustls, inside an I/O error) is recognised by its words.
+    let text = err.to_string();
+    let tls_failure = tls
+        && ["certificate", "alert", "handshake", "corrupt message"]
+            .iter()
+            .any(|w| text.contains(w));
+    let (reason, hint) = if is_auth_failure(&err) {
+        if err.code() == Some("NOAUTH") || text.contains("NOAUTH") {
+            (
+                "authentication failed: the server requires a password and the URL gives none"
+                    .to_owned(),
+                "put it in the URL: redis://:PASSWORD@HOST:PORT for requirepass, redis://USER:PASSWORD@HOST:PORT for an ACL user (percent-encoded)",
+            )
+        } else {
+            let who = first.redis_settings().username().map_or_else(
+                || "the password (requirepass, or the default user's)".to_owned(),
+                |u| format!("user {u:?} with this password"),
+            );
+            (
+                format!("authentication failed: the server refused {who}"),
+                "check the user name and password in the URL (redis://USER:PASSWORD@HOST:PORT, or redis://:PASSWORD@HOST:PORT for requirepass; percent-encoded) and the server's ACL",
+            )
+        }
+    } else if err.is_connection_refusal() {
+        (
+            format!("connection refused: nothing is listening on {node}"),
+            "check that Redis is running there and that the URL's host and port are right",
+        )
+    } else if err.is_timeout() {
+        (
+            format!("no answer from {node} within {:?}", timeouts.connect),
+            if tls {
+                "check that Redis is running there, that no firewall drops the connection, and that the server speaks TLS (for one without, use redis://)"
+            } else {
+                "check that Redis is running there, that no firewall drops the connection, and that the server does not require TLS (for one that does, use rediss://)"
+            },
+        )
+    } else if tls_failure {
+        (
+            format!("the TLS handshake with {node} failed ({err})"),
+            "for a private CA add ?tls_ca=PATH; for a server without TLS use redis://",
+        )
+    } else if err.is_io_error() && text.contains("lookup address") {
+        (
+            format!("the host of {node} does not resolve ({err})"),
+            "check the host name in the URL",
+        )
+    } else if err.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
+        (
+            format!("permission denied ({err})"),
+            "give the ACL user the commands, keys and channels of its key prefix (see the dlock-redis docs)",
+        )
+    } else {
+        (
+            text,
+            "check that the URL names a Redis server, 6.0 or later",
+        )
+    };
+    Error::connect(DRIVER, &target.url, reason, hint)
 }
 
 /// Maps a client error to [`Error::Backend`], saying plainly when the credentials were refused or the
@@ -457,17 +593,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redacts_passwords_only() {
-        assert_eq!(
-            redact("redis://u:secret@127.0.0.1:1/0"),
-            "redis://u:***@127.0.0.1:1/0"
-        );
-        assert_eq!(redact("redis://:secret@h:1"), "redis://:***@h:1");
-        assert_eq!(redact("redis://u@h:1"), "redis://u@h:1");
-        assert_eq!(redact("redis://h:1?x=@"), "redis://h:1?x=@");
-    }
-
-    #[test]
     fn parses_single_and_cluster_urls() {
         let t = parse("redis://u:p%40ss@127.0.0.1:7000/2?key_prefix=app").unwrap();
         assert!(!t.cluster);
@@ -494,6 +619,16 @@ mod tests {
         assert!(msg("redis://h:1#insecure").contains("TLS"));
         assert!(msg("rediss://h:1#nope").contains("#insecure"));
         assert!(msg("redis+cluster://h:1/3").contains("database 0"));
+        assert!(msg("redis://u:s3cret@h:63799x").contains("invalid port \"63799x\""));
+        assert!(msg("redis://h:0").contains("invalid port \"0\""));
+        assert!(msg("redis://[::1:1").contains("unclosed"));
+        assert!(msg("redis://h:1/x").contains("invalid database \"x\""));
+        assert!(msg("redis://h:1?protocol=resp9").contains("use resp2 or resp3"));
+        let m = msg("redis://h:1?colour=red");
+        assert!(m.contains("unknown query parameter \"colour\""), "{m}");
+        assert!(m.contains("key_prefix"), "{m}");
+        assert!(parse("redis://h:1/0?protocol=resp3").is_ok());
+        assert!(parse("redis://[::1]:6379").is_ok());
         let m = msg("rediss://u:topsecret@h:1?tls_ca=/does/not/exist");
         assert!(m.contains("cannot read"), "{m}");
         assert!(!m.contains("topsecret"), "{m}");

@@ -133,12 +133,12 @@ fn check_prefix(url: &str, prefix: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidUrl {
-            url: conn::redact(url),
-            reason: format!(
+        Err(Error::invalid_url(
+            url,
+            format!(
                 "key prefix {prefix:?}: use ASCII letters, digits, '-', '_', '.' and ':' only (it sits inside the keys' hash tag)"
             ),
-        })
+        ))
     }
 }
 

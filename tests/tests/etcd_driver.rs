@@ -532,8 +532,8 @@ async fn tls_with_a_private_ca_and_client_certificates() -> Result<()> {
             .with_context(|| format!("{what}: connected"))?;
         println!("{what}: {err}");
         ensure!(
-            matches!(err, Error::Backend { .. }),
-            "{what}: expected a store error, got {err:?}"
+            matches!(err, Error::Connect { .. }),
+            "{what}: expected a connect error, got {err:?}"
         );
         anyhow::Ok(())
     };
