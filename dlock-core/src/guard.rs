@@ -204,8 +204,16 @@ impl Guard {
     fn finish(&self, state: LeaseState) {
         self.keeper.abort();
         self.lease.set_state(state);
+        // A lost lock was held until its validity ended, however long the guard lived after that.
+        let status = self.lease.status();
+        let held = match status.state {
+            LeaseState::Lost => status
+                .valid_until
+                .saturating_duration_since(self.granted_at),
+            _ => self.granted_at.elapsed(),
+        };
         metrics::histogram!(m::HOLD_SECONDS, "driver" => self.lease.driver_name)
-            .record(self.granted_at.elapsed().as_secs_f64());
+            .record(held.as_secs_f64());
     }
 }
 

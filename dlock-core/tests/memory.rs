@@ -503,6 +503,45 @@ fn metrics_count_acquires_and_hold_time() {
         .any(|(k, ..)| k.key().name() == dlock_core::metrics::HOLD_SECONDS));
 }
 
+#[test]
+fn hold_time_of_a_lost_lock_ends_with_its_validity() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = MemoryDriver::new();
+            let link = Partitionable::new(&store);
+            let guard = Locks::new(link.clone()).lock("x").ttl(TTL).await.unwrap();
+            link.failing_renewals.store(true, Ordering::SeqCst);
+            guard.lost().await;
+            // The guard lives on long after the loss; the lock was not held meanwhile.
+            tokio::time::sleep(TTL * 10).await;
+            drop(guard);
+        });
+    });
+    let held: Vec<f64> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, ..)| k.key().name() == dlock_core::metrics::HOLD_SECONDS)
+        .flat_map(|(.., v)| match v {
+            DebugValue::Histogram(values) => values.into_iter().map(|v| v.into_inner()).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(
+        held[0] <= TTL.as_secs_f64(),
+        "recorded {held:?} s for a TTL of {TTL:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn unreachable_store_fails_instead_of_hanging() {
     let store = MemoryDriver::new();
