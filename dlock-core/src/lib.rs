@@ -1,4 +1,4 @@
-//! The core of [dlock](https://docs.rs/dlock): the lock model, the client API, the driver trait and the
+//! The core of [dlock](https://docs.rs/dlock-rs): the lock model, the client API, the driver trait and the
 //! in-memory driver.
 //!
 //! - [`LockMode`]: the six modes of a classic distributed lock manager and their compatibility matrix.
@@ -34,6 +34,7 @@ mod mode;
 mod name;
 pub mod quorum;
 mod session;
+pub mod url;
 
 pub use client::{Guards, LockAllRequest, LockRequest, LockSpec, Locks, DEFAULT_TTL};
 pub use driver::{Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued};

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use dlock_core::url::HostPort;
 use dlock_core::{Error, Result};
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
@@ -68,45 +69,8 @@ fn parse_host(url: &str, hostport: &str) -> Result<(String, u16)> {
             "an empty host in the host list (write etcd://HOST:PORT,HOST:PORT)",
         ));
     }
-    let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
-        let (v6, after) = rest
-            .split_once(']')
-            .ok_or_else(|| invalid(url, format!("unclosed '[' in host {hostport:?}")))?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':').ok_or_else(|| {
-                invalid(url, format!("expected ':PORT' after ']' in {hostport:?}"))
-            })?),
-        };
-        (format!("[{v6}]"), port)
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), Some(p)),
-            None => (hostport.to_owned(), None),
-        }
-    };
-    if host.is_empty() || host == "[]" {
-        return Err(invalid(url, format!("no host name in {hostport:?}")));
-    }
-    if host
-        .chars()
-        .any(|c| c.is_whitespace() || matches!(c, '/' | '@' | '%' | '?' | '#'))
-    {
-        return Err(invalid(url, format!("invalid host name {host:?}")));
-    }
-    let port = match port {
-        None => DEFAULT_PORT,
-        Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => n,
-            _ => {
-                return Err(invalid(
-                    url,
-                    format!("invalid port {p:?} in {hostport:?}; ports are 1 to 65535"),
-                ))
-            }
-        },
-    };
-    Ok((host, port))
+    let addr = HostPort::parse(url, hostport, DEFAULT_PORT, "etcd")?;
+    Ok((addr.host, addr.port))
 }
 
 fn millis(url: &str, name: &str, value: &str) -> Result<Duration> {

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use dlock_core::url::HostPort;
 use dlock_core::{Error, Result};
 use percent_encoding::percent_decode_str;
 
@@ -148,25 +149,7 @@ impl Settings {
             if host.is_empty() {
                 return Err(invalid(url, "an empty server address in the host list"));
             }
-            let port = if host.starts_with('[') {
-                host.split_once("]:").map(|(_, p)| p)
-            } else {
-                host.rsplit_once(':').map(|(_, p)| p)
-            };
-            let with_port = match port.map(str::parse::<u16>) {
-                None => format!("{host}:{DEFAULT_PORT}"),
-                Some(Ok(1..)) => host.to_owned(),
-                Some(_) => {
-                    return Err(invalid(
-                        url,
-                        format!(
-                            "invalid port {:?} in {host:?}; ports are 1 to 65535 (NATS listens on 4222 by default)",
-                            port.unwrap_or_default()
-                        ),
-                    ))
-                }
-            };
-            servers.push(with_port);
+            servers.push(HostPort::parse(url, host, DEFAULT_PORT, "NATS")?.to_string());
         }
         let mut settings = Settings {
             servers,

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use dlock_core::url::HostPort;
 use dlock_core::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
@@ -36,49 +37,6 @@ const FORM: &str = "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?PARAM=VALUE&…]
 
 fn invalid(url: &str, reason: impl Into<String>) -> Error {
     Error::invalid_url(url, reason)
-}
-
-/// Checks one `HOST[:PORT]` of the host list, so that a typo gets a reason the `redis` crate's
-/// parser does not give ("Redis URL did not parse").
-fn check_host(url: &str, hostport: &str) -> Result<()> {
-    let (host, port) = match hostport.strip_prefix('[') {
-        Some(v6) => {
-            let (addr, after) = v6
-                .split_once(']')
-                .ok_or_else(|| invalid(url, format!("unclosed '[' in host {hostport:?}")))?;
-            let port = match after {
-                "" => None,
-                p => Some(p.strip_prefix(':').ok_or_else(|| {
-                    invalid(url, format!("expected ':PORT' after ']' in {hostport:?}"))
-                })?),
-            };
-            (addr, port)
-        }
-        None => match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        },
-    };
-    if host.is_empty()
-        || host
-            .chars()
-            .any(|c| c.is_whitespace() || matches!(c, '/' | '@' | '%' | '[' | ']'))
-    {
-        return Err(invalid(
-            url,
-            format!("invalid host {host:?} in {hostport:?}; write {FORM}"),
-        ));
-    }
-    match port.map(str::parse::<u16>) {
-        None | Some(Ok(1..)) => Ok(()),
-        Some(_) => Err(invalid(
-            url,
-            format!(
-                "invalid port {:?} in {hostport:?}; ports are 1 to 65535 (Redis listens on 6379 by default)",
-                port.unwrap_or_default()
-            ),
-        )),
-    }
 }
 
 /// Parses `redis://`, `rediss://`, `redis+cluster://` and `rediss+cluster://` URLs (see the crate docs).
@@ -212,7 +170,7 @@ pub(crate) fn parse(url: &str) -> Result<Target> {
         ));
     }
     for host in &hosts {
-        check_host(url, host)?;
+        HostPort::parse(url, host, 6379, "Redis")?;
     }
     let db = path.strip_prefix('/').unwrap_or(path);
     if !db.is_empty() && db.parse::<u32>().is_err() {
