@@ -6,7 +6,16 @@
 //!
 //! This crate is the facade: it re-exports [`dlock_core`] and picks a driver from a URL with
 //! [`connect`]. Drivers for Redis, etcd and NATS JetStream are behind the features `redis`, `etcd` and
-//! `jetstream` (all three: `full`).
+//! `jetstream` (all three: `full`), and re-exported as [`redis`], [`etcd`] and [`jetstream`] for what
+//! only a driver offers (its own configuration, or etcd's fenced transactions).
+//!
+//! The package is published as `dlock-rs` (the name `dlock` on crates.io belongs to an unrelated
+//! crate); its library is named `dlock`:
+//!
+//! ```toml
+//! [dependencies]
+//! dlock-rs = { version = "0.1", features = ["redis"] }
+//! ```
 //!
 //! ```
 //! use std::time::Duration;
@@ -26,9 +35,25 @@
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use dlock_core::*;
 
 mod connect;
 
 pub use connect::connect;
+
+/// The Redis driver ([`dlock_redis`]): standalone Redis and Redis Cluster.
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use dlock_redis as redis;
+
+/// The etcd v3 driver ([`dlock_etcd`]), with fenced transactions.
+#[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
+pub use dlock_etcd as etcd;
+
+/// The NATS JetStream driver ([`dlock_jetstream`]).
+#[cfg(feature = "jetstream")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jetstream")))]
+pub use dlock_jetstream as jetstream;

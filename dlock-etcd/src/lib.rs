@@ -1,4 +1,4 @@
-//! etcd v3 driver for [dlock](https://docs.rs/dlock): the six DLM lock modes, fair FIFO queues
+//! etcd v3 driver for [dlock](https://docs.rs/dlock-rs): the six DLM lock modes, fair FIFO queues
 //! without a thundering herd, fencing tokens from etcd revisions, and one lease per client.
 //! Works with etcd 3.4 and 3.5, a single member or a cluster.
 //!
@@ -85,6 +85,23 @@
 //!
 //! Every request is safe to repeat, which is what lets the driver retry it on another member (a
 //! repeated lease grant at worst leaves an unused lease behind, which expires by itself).
+//!
+//! # Cost model
+//!
+//! Round trips (RTT) and etcd requests per driver operation, as this driver performs them:
+//!
+//! | operation | round trips | etcd requests |
+//! |---|---|---|
+//! | acquire, granted at once | 2 | a lease keepalive (or grant) and a range read, sent together; then one guarded transaction |
+//! | acquire that waits | 2, then 1 read + a watch, and 1 transaction when granted | as above; the waiter grants itself |
+//! | release | 1 | one guarded delete transaction |
+//! | handoff (release → next holder runs) | 1 (release) + ½ (watch event) + 2 (read, grant transaction) | a delete, a watch event, a read and a transaction |
+//! | renewal | one keepalive per **lease** (per client and TTL) every TTL/6 to TTL/3, whatever the number of locks | one `LeaseKeepAlive` |
+//! | conversion | 2 (read, transaction), then as a waiting acquire | a read and a transaction |
+//! | inspect | 1 | one range read |
+//!
+//! A lost compare (another client wrote to the name between the read and the transaction) costs one
+//! more read and transaction. Each waiter watches one key, so a release wakes one waiter, not all.
 //!
 //! # Waiting without a herd
 //!
@@ -195,6 +212,16 @@
 //!   guarded, and entries left behind this way are deleted by the client when it next reads that
 //!   lock's queue (or expire with the lease).
 //! - **A paused store** (all members frozen) behaves like a partition for every client.
+//!
+//! # Caveats
+//!
+//! - etcd raises a TTL below its minimum lease TTL (2 s by default); the driver refuses such TTLs
+//!   instead ([Leases](#leases)).
+//! - After a leader change, a crashed client's locks may be freed up to one TTL later than usual
+//!   ([Guarantees](#guarantees)).
+//! - Members are used as listed, not discovered ([Members](#members)).
+//! - Fencing tokens are etcd revisions: they are ordered within one etcd cluster only, and a
+//!   restored backup with a lower revision would restart them.
 #![warn(missing_docs)]
 
 mod config;

@@ -1,4 +1,4 @@
-//! NATS JetStream driver for [dlock](https://docs.rs/dlock): the six DLM lock modes, fair FIFO queues,
+//! NATS JetStream driver for [dlock](https://docs.rs/dlock-rs): the six DLM lock modes, fair FIFO queues,
 //! fencing tokens from stream sequences and per-entry leases, on a single server (R1 stream) or a
 //! cluster (R3), on NATS 2.9 and newer.
 //!
@@ -94,6 +94,24 @@
 //!   renewals do not wake them. Besides, a waiter wakes when the next lease in its queue ends (client-
 //!   clock mode), and every `recheck_ms` as a backstop. Dropping `wait` only drops a subscription.
 //!
+//! # Cost model
+//!
+//! Round trips (RTT) and JetStream requests per driver operation, as this driver performs them
+//! (`k` = entries in the name's queue; reads go through the stream leader):
+//!
+//! | operation | round trips | JetStream requests |
+//! |---|---|---|
+//! | acquire, granted at once | 3 (4 when other entries are queued) | publish the entry; read the head, then the `k` entries it lists (all at once); publish the new head with compare-and-set |
+//! | acquire that waits | as above, then 1–2 per head change until granted | as above; then per wake-up a read of the head and its entries; waiters share one push consumer per client and name |
+//! | release | 3 (4 when other entries are queued) | purge the entry's subject; read the head and its entries; publish the head without it |
+//! | handoff (release → next holder runs) | the release + ½ (head change delivered) + 2 | the release's requests, then the waiter's read of the head and its entries |
+//! | renewal | 1 per held lock every TTL/3 | one publish with compare-and-set per held lock |
+//! | conversion | 2–3, then as a waiting acquire | read the head and its entries; publish the head |
+//! | inspect | 1–2 (+ 1 clock write on 2.9/2.10) | read the head and its entries |
+//!
+//! A lost compare-and-set (another client wrote the head meanwhile) costs one more read and write.
+//! On NATS 2.9/2.10 clusters every write is checked after the fact (one more read).
+//!
 //! # Leases
 //!
 //! The mode is picked when the stream is created (by server version, or `lease=`) and read back from
@@ -160,6 +178,17 @@
 //! - **Atomicity A** (no incompatible holders) holds across failovers as above; **liveness**: a
 //!   crashed holder's lock is granted to the next waiter within its TTL (rounded up to whole seconds
 //!   on 2.11+) plus the delivery of the delete marker, or plus `clock_skew_ms` and one read on 2.9.
+//!
+//! # Caveats
+//!
+//! - NATS 2.9/2.10 has no per-message TTL: leases are judged by server timestamps and rely on the
+//!   servers' clocks ([Leases](#leases)); prefer NATS 2.11+.
+//! - Replicated streams before NATS 2.9.18 can lose every message on a restart of the cluster
+//!   (nats-io/nats-server#4196; [Stream layout](#stream-layout)).
+//! - Compatible holders granted by one head write share a fencing token (`fencing_total_order` is
+//!   not claimed); deleting the stream restarts tokens.
+//! - While a new stream leader is elected, operations stall or fail and are retried
+//!   ([Guarantees](#guarantees)).
 #![warn(missing_docs)]
 
 mod config;

@@ -1,4 +1,4 @@
-//! Redis driver for [dlock](https://docs.rs/dlock): the six DLM lock modes, fair FIFO queues, fencing
+//! Redis driver for [dlock](https://docs.rs/dlock-rs): the six DLM lock modes, fair FIFO queues, fencing
 //! tokens and per-entry leases, on standalone Redis (6.0+) and Redis Cluster (7.0+).
 //!
 //! ```no_run
@@ -24,7 +24,9 @@
 //!   private or self-signed CAs).
 //! - `tls_cert=PATH&tls_key=PATH`: a client certificate and key (PEM) for mutual TLS.
 //! - `key_prefix=NAME`: the first part of every key (default `dlock`), to separate applications.
-//! - anything else (e.g. `protocol=resp3`) goes to the [`redis`] crate.
+//! - `protocol=resp2|resp3`: the command connection's protocol (the subscriber always uses RESP3).
+//!
+//! Any other parameter is refused with [`Error::InvalidUrl`](dlock_core::Error::InvalidUrl).
 //!
 //! The fragment `#insecure` (`rediss://host:6380/#insecure`) turns certificate verification **off**.
 //! It exists for throwaway test setups only: anyone on the path can then impersonate the server.
@@ -80,6 +82,23 @@
 //! never a hang. A waiter behind a live holder re-checks about once per renewal of that holder. While
 //! the subscriber connection is down (it reconnects and resubscribes by itself; waiters re-check when it
 //! drops) or the ACL user may not subscribe, waiters poll, backing off up to that interval.
+//!
+//! # Cost model
+//!
+//! Round trips (RTT) and store operations per driver operation, as this driver performs them:
+//!
+//! | operation | round trips | store operations |
+//! |---|---|---|
+//! | acquire, granted at once | 1 | one script (`EVALSHA`) |
+//! | acquire that waits | 1, then 1 per wake-up | one script, then one wait-check script per wake-up (a grant message naming this waiter, the next lease end in its way, or the poll interval) |
+//! | release | 1 | one script, which grants the next entries and publishes one message naming them |
+//! | handoff (release → next holder runs) | 1 (release) + ½ (message) + 1 (the waiter's check) | two scripts and one `PUBLISH` |
+//! | renewal | 1 per held lock every TTL/3 | one script per held lock |
+//! | conversion | 1 (granted at once) or 1 + the wait | one script, then as a waiting acquire |
+//! | inspect | 1 | one script |
+//!
+//! A script's work is proportional to the entries queued on its name (it reads the name's hash).
+//! Waiters share one subscriber connection per driver; a message wakes only the waiters it names.
 //!
 //! # Fencing tokens
 //!
@@ -210,6 +229,17 @@
 //! servers' clocks slewed (chrony or ntpd, with `makestep` confined to boot), never set by `date -s`
 //! or `ntpdate` while the server runs; a VM that is resumed or migrated may also have its clock
 //! stepped.
+//!
+//! # Caveats
+//!
+//! - A failover with asynchronous replication can grant a lock twice ([Guarantees](#guarantees));
+//!   use etcd or JetStream R3 where that must never happen, and fencing tokens in any case.
+//! - Locks survive a server restart only with `appendonly yes` and `appendfsync always`
+//!   ([Restarts and persistence](#restarts-and-persistence)).
+//! - The server's clock must be slewed, never stepped ([Clocks](#clocks)).
+//! - Run the server with `maxmemory-policy noeviction`.
+//! - A Redis Cluster is not a majority quorum: each name lives on one shard. For a lock that
+//!   outlives the loss of a store, use [`Quorum`](dlock_core::Quorum) over independent servers.
 #![warn(missing_docs)]
 
 mod conn;
