@@ -23,6 +23,8 @@
 //! cargo run --example fenced_writes --features etcd -- --url etcd://127.0.0.1:2379
 //! ```
 
+mod common;
+
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -247,36 +249,9 @@ async fn observe_loss(guard: &Guard, ttl: Duration) -> bool {
     !valid && fired
 }
 
-fn parse_url() -> anyhow::Result<String> {
-    let mut args = std::env::args().skip(1);
-    let mut url = "mem://".to_owned();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--url" => {
-                url = args
-                    .next()
-                    .context("--url needs a value, e.g. --url etcd://127.0.0.1:2379")?
-            }
-            "-h" | "--help" => {
-                println!(
-                    "usage: fenced_writes [--url URL]   (default mem://, the in-memory driver)"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}; usage: fenced_writes [--url URL]"),
-        }
-    }
-    // The two clients connect separately; a bare mem:// would give each a private store.
-    Ok(if url == "mem://" {
-        "mem://fenced_writes".to_owned()
-    } else {
-        url
-    })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = parse_url()?;
+    let url = common::store_url("fenced_writes")?;
     let b = Client::connect(&url).await?;
     let ttl = SHORT_TTL.max(b.locks.capabilities().min_ttl);
     let storage = Arc::new(Storage {

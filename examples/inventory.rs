@@ -10,6 +10,8 @@
 //! cargo run --example inventory --features redis -- --url redis://127.0.0.1:6379
 //! ```
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,29 +119,9 @@ fn report(label: &str, outcome: &Outcome) {
     );
 }
 
-fn parse_url() -> anyhow::Result<String> {
-    let mut args = std::env::args().skip(1);
-    let mut url = "mem://".to_owned();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--url" => {
-                url = args
-                    .next()
-                    .context("--url needs a value, e.g. --url redis://127.0.0.1:6379")?
-            }
-            "-h" | "--help" => {
-                println!("usage: inventory [--url URL]   (default mem://, the in-memory driver)");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}; usage: inventory [--url URL]"),
-        }
-    }
-    Ok(url)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = parse_url()?;
+    let url = common::store_url("inventory")?;
     let unlocked = run(None).await?;
     report("without a lock", &unlocked);
 

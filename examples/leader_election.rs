@@ -22,6 +22,8 @@
 //! cargo run --example leader_election --features redis -- --url redis://127.0.0.1:6379
 //! ```
 
+mod common;
+
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -276,36 +278,8 @@ async fn campaign(
     }
 }
 
-fn parse_url() -> anyhow::Result<String> {
-    let mut args = std::env::args().skip(1);
-    let mut url = "mem://".to_owned();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--url" => {
-                url = args
-                    .next()
-                    .context("--url needs a value, e.g. --url redis://127.0.0.1:6379")?
-            }
-            "-h" | "--help" => {
-                println!(
-                    "usage: leader_election [--url URL]   (default mem://, the in-memory driver)"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}; usage: leader_election [--url URL]"),
-        }
-    }
-    // The candidates connect one by one, like separate processes; a bare mem:// would give each one
-    // a private store, so they share a named one.
-    Ok(if url == "mem://" {
-        "mem://leader_election".to_owned()
-    } else {
-        url
-    })
-}
-
 fn main() -> anyhow::Result<()> {
-    let url = parse_url()?;
+    let url = common::store_url("leader_election")?;
     let ttl = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

@@ -20,6 +20,8 @@
 //! cargo run --example observability --features redis -- --url redis://127.0.0.1:6379
 //! ```
 
+mod common;
+
 use std::future::IntoFuture;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -102,36 +104,9 @@ fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn parse_url() -> anyhow::Result<String> {
-    let mut args = std::env::args().skip(1);
-    let mut url = "mem://".to_owned();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--url" => {
-                url = args
-                    .next()
-                    .context("--url needs a value, e.g. --url redis://127.0.0.1:6379")?
-            }
-            "-h" | "--help" => {
-                println!(
-                    "usage: observability [--url URL]   (default mem://, the in-memory driver)"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}; usage: observability [--url URL]"),
-        }
-    }
-    // The stalled holder connects on its own; a bare mem:// would give it a private store.
-    Ok(if url == "mem://" {
-        "mem://observability".to_owned()
-    } else {
-        url
-    })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = parse_url()?;
+    let url = common::store_url("observability")?;
     // Before the first lock: the metrics macros go to whatever recorder is installed when they run.
     let prometheus = PrometheusBuilder::new()
         .install_recorder()

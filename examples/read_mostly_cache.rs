@@ -20,6 +20,8 @@
 //! cargo run --example read_mostly_cache --features redis -- --url redis://127.0.0.1:6379
 //! ```
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -260,36 +262,9 @@ async fn run(url: Option<&str>) -> anyhow::Result<Run> {
     Ok(Run { tally, refreshes })
 }
 
-fn parse_url() -> anyhow::Result<String> {
-    let mut args = std::env::args().skip(1);
-    let mut url = "mem://".to_owned();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--url" => {
-                url = args
-                    .next()
-                    .context("--url needs a value, e.g. --url redis://127.0.0.1:6379")?
-            }
-            "-h" | "--help" => {
-                println!(
-                    "usage: read_mostly_cache [--url URL]   (default mem://, the in-memory driver)"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}; usage: read_mostly_cache [--url URL]"),
-        }
-    }
-    // Readers and refresher connect separately; a bare mem:// would give each a private store.
-    Ok(if url == "mem://" {
-        "mem://read_mostly_cache".to_owned()
-    } else {
-        url
-    })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = parse_url()?;
+    let url = common::store_url("read_mostly_cache")?;
 
     println!(
         "without a lock: {READERS} readers, one refresher, {REFRESHES} refreshes of {PARTS} parts"
