@@ -41,6 +41,11 @@ pub struct Guard {
     mode: LockMode,
     token: u64,
     granted_at: Instant,
+    /// The keeper is stopped and the hold time recorded.
+    finished: bool,
+    /// The store confirmed the release, or [`Guard::release`] gave up on it: nothing is left for a
+    /// drop to release. Until then a drop releases in the background — also when a `release` future
+    /// is dropped before it ends.
     released: bool,
     /// Brings the store to the fallback mode after a conversion that ended without a definite answer.
     reconcile: Option<JoinHandle<()>>,
@@ -61,6 +66,7 @@ impl Guard {
             mode,
             token,
             granted_at: Instant::now(),
+            finished: false,
             released: false,
             reconcile: None,
             _rank: None,
@@ -192,16 +198,25 @@ impl Guard {
     ///
     /// Returns `Ok` once the store no longer has the entry. An error means the release could not be
     /// confirmed; the lease expires anyway.
+    ///
+    /// Dropping the returned future before it ends leaves the release to the background, as dropping
+    /// the guard does.
     pub async fn release(mut self) -> Result<()> {
-        self.released = true;
         if let Some(reconcile) = self.reconcile.take() {
             reconcile.abort();
         }
         self.finish(LeaseState::Released);
-        release_with_retries(&*self.lease.driver, &self.lease.key, self.lease.ttl).await
+        let outcome =
+            release_with_retries(&*self.lease.driver, &self.lease.key, self.lease.ttl).await;
+        self.released = true;
+        outcome
     }
 
-    fn finish(&self, state: LeaseState) {
+    fn finish(&mut self, state: LeaseState) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
         self.keeper.abort();
         self.lease.set_state(state);
         // A lost lock was held until its validity ended, however long the guard lived after that.
@@ -222,8 +237,8 @@ impl Drop for Guard {
         if let Some(reconcile) = self.reconcile.take() {
             reconcile.abort();
         }
+        self.finish(LeaseState::Released);
         if !self.released {
-            self.finish(LeaseState::Released);
             release_in_background(
                 Arc::clone(&self.lease.driver),
                 self.lease.key.clone(),

@@ -276,6 +276,43 @@ async fn dropping_a_guard_releases_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_release_dropped_before_it_ends_still_releases() {
+    let locks = Locks::new(MemoryDriver::new());
+    let guard = locks.lock("x").ttl(TTL).await.unwrap();
+    let waiter = tokio::spawn(locks.lock("x").ttl(TTL).into_future());
+    // The release future is dropped before it is ever polled.
+    drop(guard.release());
+    let start = Instant::now();
+    timeout(TTL / 2, waiter)
+        .await
+        .expect("granted before the lease could expire")
+        .unwrap()
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_cancelled_while_the_store_is_cut_off_releases_once_it_answers() {
+    let store = MemoryDriver::new();
+    let link = Partitionable::new(&store);
+    let guard = Locks::new(link.clone()).lock("x").ttl(TTL).await.unwrap();
+    let waiter = tokio::spawn(Locks::new(store.clone()).lock("x").ttl(TTL).into_future());
+    link.cut.store(true, Ordering::SeqCst);
+    let release = tokio::spawn(guard.release());
+    tokio::task::yield_now().await;
+    release.abort();
+    assert!(release.await.unwrap_err().is_cancelled());
+    link.cut.store(false, Ordering::SeqCst);
+    let start = Instant::now();
+    timeout(TTL / 2, waiter)
+        .await
+        .expect("granted before the lease could expire")
+        .unwrap()
+        .unwrap();
+    assert!(start.elapsed() < TTL / 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn stale_release_never_removes_a_newer_holders_entry() {
     let store = MemoryDriver::new();
     let old_link = Partitionable::new(&store);
