@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dlock::{
     Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName,
-    Locks, Queued, Result,
+    Locks, Queued, Renewal, Result,
 };
 use dlock_etcd::EtcdDriver;
 use dlock_jetstream::JetStreamDriver;
@@ -194,6 +194,13 @@ impl Driver for Tracking {
 
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
         self.driver.renew(key, ttl).await
+    }
+
+    async fn renew_many(&self, renewals: &[Renewal<'_>]) -> Vec<Result<Instant>> {
+        self.driver.renew_many(renewals).await
+    }
+    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
+        self.driver.lease_sent(key)
     }
 
     async fn release(&self, key: &EntryKey) -> Result<()> {

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::driver::{Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, OwnerId, Queued};
 use crate::guard::Guard;
+use crate::keeper::Keeper;
 use crate::lease::{drift_margin, release_in_background, Lease, Stamp};
 use crate::metrics as m;
 use crate::{Error, LockMode, LockName, Result};
@@ -47,6 +47,7 @@ struct ClientInner {
     capabilities: Capabilities,
     client_id: String,
     next_owner: AtomicU64,
+    keeper: Keeper,
 }
 
 impl Locks {
@@ -60,6 +61,7 @@ impl Locks {
         let capabilities = driver.capabilities();
         Locks {
             inner: Arc::new(ClientInner {
+                keeper: Keeper::new(Arc::clone(&driver)),
                 driver,
                 capabilities,
                 client_id: format!("{:016x}", rand::random::<u64>()),
@@ -228,16 +230,21 @@ impl IntoFuture for LockRequest {
     }
 }
 
-/// Removes a queued entry (spawned) when the acquire that made it does not end with a guard: dropped,
-/// timed out or failed. The lease TTL is the backstop.
+/// An enqueue request in flight, polled where the acquire runs.
+type EnqueueFuture = Pin<Box<dyn Future<Output = Result<Queued>> + Send>>;
+
+/// Removes a queued entry (in the background) when the acquire that made it does not end with a
+/// guard: dropped, timed out or failed. The lease TTL is the backstop.
 ///
-/// The release waits for the enqueue request to finish first: sent at once, it could overtake the
-/// enqueue on a store reached over several connections, find nothing, and leave the entry behind.
+/// An enqueue still in flight is finished first: a release sent at once could overtake it on a store
+/// reached over several connections, find nothing, and leave the entry behind. So the acquire polls
+/// the enqueue in place (no task of its own on the way to a grant), and only a dropped acquire hands
+/// it to a task.
 struct DequeueOnDrop {
     driver: Arc<dyn Driver>,
     key: EntryKey,
     ttl: Duration,
-    enqueue: Option<JoinHandle<Result<Queued>>>,
+    enqueue: Option<EnqueueFuture>,
     armed: bool,
 }
 
@@ -342,23 +349,19 @@ async fn enqueue_and_wait(
     // enqueue is abandoned then (or at the caller's deadline, if earlier).
     let useless_after = sent + options.ttl - drift_margin(options.ttl);
     let enqueue_deadline = deadline.map_or(useless_after, |d| d.min(useless_after));
-    let enqueue = dequeue.enqueue.insert(tokio::spawn({
+    let enqueue = dequeue.enqueue.insert(Box::pin({
         let driver = Arc::clone(&driver);
         async move { driver.enqueue(&request).await }
     }));
     let answered = tokio::time::timeout_at(enqueue_deadline, enqueue).await;
     if answered.is_ok() {
-        // The enqueue has finished, so the cleanup need not (and must not: a finished JoinHandle
-        // panics when polled again) wait for it; the store may still hold its entry, if only the
-        // reply was lost, so the cleanup stays armed.
+        // The enqueue has finished, so the cleanup need not (and must not: a finished future may
+        // not be polled again) wait for it; the store may still hold its entry, if only the reply
+        // was lost, so the cleanup stays armed.
         dequeue.enqueue = None;
     }
     let queued = match answered {
-        Ok(Ok(queued)) => queued,
-        Ok(Err(join)) => Err(Error::backend_msg(
-            locks.inner.capabilities.driver,
-            format!("the enqueue task failed: {join}"),
-        )),
+        Ok(queued) => queued,
         Err(_) if deadline.is_some_and(|d| d <= useless_after) => Err(Error::Timeout {
             name: key.name.to_string(),
             waited: started.elapsed(),
@@ -382,16 +385,20 @@ async fn enqueue_and_wait(
             name: key.name.to_string(),
         });
     }
+    // A store whose entries share a lease keeps this one from that lease's last renewal on.
+    let valid_from = match driver.lease_sent(&key) {
+        Some(lease_sent) if lease_sent < sent => Stamp::now().back_to(lease_sent),
+        _ => sent_stamp,
+    };
     let lease = Lease::new(
         Arc::clone(&driver),
         locks.inner.capabilities.driver,
         key.clone(),
         options.ttl,
-        sent_stamp,
+        valid_from,
     );
-    let keeper = lease.spawn_keeper(sent_stamp);
-    // From here on the keeper task must not outlive a failed acquire.
-    let keeper = AbortOnDrop(Some(keeper));
+    // From here on, a failed acquire drops `kept`, which ends the renewals.
+    let kept = locks.inner.keeper.keep(&lease, valid_from);
     let grant = match queued {
         Queued::Granted(grant) => grant,
         Queued::Waiting => {
@@ -415,23 +422,7 @@ async fn enqueue_and_wait(
         });
     }
     dequeue.armed = false;
-    Ok(Guard::new(lease, keeper.take(), grant.mode, grant.token))
-}
-
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-
-impl AbortOnDrop {
-    fn take(mut self) -> tokio::task::JoinHandle<()> {
-        self.0.take().expect("taken once")
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(handle) = self.0.take() {
-            handle.abort();
-        }
-    }
+    Ok(Guard::new(lease, kept, grant.mode, grant.token))
 }
 
 /// One name of a [`Locks::lock_all`] request: a name alone (taken in the request's mode), or a name with

@@ -109,6 +109,15 @@ pub struct EntryInfo {
     pub token: Option<u64>,
 }
 
+/// One entry to renew in a [`Driver::renew_many`] batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Renewal<'a> {
+    /// The entry.
+    pub key: &'a EntryKey,
+    /// Its lease TTL, as in [`Driver::renew`].
+    pub ttl: Duration,
+}
+
 /// What a driver promises. Conformance tests skip, visibly, only what a driver does not claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -192,6 +201,28 @@ pub trait Driver: Send + Sync + 'static {
     /// [`Error::Lost`](crate::Error::Lost) when the entry is gone.
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant>;
 
+    /// Renews many entries at once: one answer per renewal, in order, each as [`Driver::renew`] would
+    /// give it. The client's one keeper renews every lease that is due through this call, so a store
+    /// that can renew many entries in one round trip should say so here; the default sends every
+    /// renewal at once and waits for all of them.
+    async fn renew_many(&self, renewals: &[Renewal<'_>]) -> Vec<Result<Instant>> {
+        futures::future::join_all(renewals.iter().map(|r| self.renew(r.key, r.ttl))).await
+    }
+
+    /// For a store whose entries live on a lease renewed apart from them (etcd's lease per client):
+    /// the send time of the last confirmed renewal of the lease that `key`'s entry is on, from which
+    /// the store keeps the entry at least its TTL. Core asks right after [`Driver::enqueue`]
+    /// answered and counts the new lock's validity from the earlier of this instant and the
+    /// enqueue's send time, so the enqueue need not renew the lease itself when it was renewed
+    /// recently.
+    ///
+    /// `None` (the default): the store keeps the entry for its TTL from when it received the request
+    /// that created it. Wrappers forward it.
+    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
+        let _ = key;
+        None
+    }
+
     /// Removes the entry, granted or waiting. Removing an entry that is already gone succeeds.
     async fn release(&self, key: &EntryKey) -> Result<()>;
 
@@ -234,6 +265,12 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
     }
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
         (**self).renew(key, ttl).await
+    }
+    async fn renew_many(&self, renewals: &[Renewal<'_>]) -> Vec<Result<Instant>> {
+        (**self).renew_many(renewals).await
+    }
+    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
+        (**self).lease_sent(key)
     }
     async fn release(&self, key: &EntryKey) -> Result<()> {
         (**self).release(key).await

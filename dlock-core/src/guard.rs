@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::driver::{EntryKey, Queued};
+use crate::keeper::KeptLease;
 use crate::lease::{release_in_background, release_with_retries, Lease, LeaseState, LeaseStatus};
 use crate::metrics as m;
 use crate::session::Reservation;
@@ -17,7 +18,7 @@ use crate::{Error, LockMode, LockName, Result};
 /// A held lock. Dropping it releases the lock in the background; [`Guard::release`] releases it and
 /// reports the outcome.
 ///
-/// While it lives, a keeper task renews the lease at about a third of the TTL. If renewals stop being
+/// While it lives, the client's keeper renews the lease at about a third of the TTL. If renewals stop being
 /// confirmed, the guard turns [`LeaseState::Lost`] at its validity deadline — before the store can give
 /// the lock to anyone else — and [`Guard::lost`] resolves.
 ///
@@ -37,7 +38,7 @@ use crate::{Error, LockMode, LockName, Result};
 /// ```
 pub struct Guard {
     lease: Arc<Lease>,
-    keeper: JoinHandle<()>,
+    keeper: KeptLease,
     mode: LockMode,
     token: u64,
     granted_at: Instant,
@@ -54,12 +55,7 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub(crate) fn new(
-        lease: Arc<Lease>,
-        keeper: JoinHandle<()>,
-        mode: LockMode,
-        token: u64,
-    ) -> Self {
+    pub(crate) fn new(lease: Arc<Lease>, keeper: KeptLease, mode: LockMode, token: u64) -> Self {
         Guard {
             lease,
             keeper,
@@ -217,7 +213,7 @@ impl Guard {
             return;
         }
         self.finished = true;
-        self.keeper.abort();
+        self.keeper.stop();
         self.lease.set_state(state);
         // A lost lock was held until its validity ended, however long the guard lived after that.
         let status = self.lease.status();

@@ -1,12 +1,11 @@
-//! The lease keeper: renews an entry at about TTL/3, keeps the local validity deadline and turns the
-//! lease Lost before the store can hand the lock to anyone else.
+//! A held lock's lease: its state, its local validity deadline on both clocks, and how a renewal
+//! confirmed by the store extends it. The client's keeper (`keeper.rs`) does the renewing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::driver::{Driver, EntryKey, Grant};
@@ -57,6 +56,14 @@ impl Stamp {
         Stamp {
             at: Instant::now(),
             boot: boot_clock(),
+        }
+    }
+
+    /// The same moment as `earlier`, an instant at or before this stamp, on both clocks.
+    pub(crate) fn back_to(self, earlier: Instant) -> Self {
+        Stamp {
+            at: earlier,
+            boot: self.boot_at(earlier),
         }
     }
 
@@ -155,7 +162,7 @@ impl Lease {
     }
 
     /// Whether the validity window is still open on the boot clock (always, where it is unknown).
-    fn boot_window_open(&self) -> bool {
+    pub(crate) fn boot_window_open(&self) -> bool {
         let deadline = self.boot_valid_until.load(Ordering::SeqCst);
         match boot_clock() {
             Some(now) if deadline != NO_BOOT_DEADLINE => now < Duration::from_nanos(deadline),
@@ -232,7 +239,7 @@ impl Lease {
 
     /// A renewal confirmed by the store, counted from `from`: the send time of the request that
     /// extended the lease, at or before the attempt stamped `attempt`.
-    fn confirm(&self, attempt: Stamp, from: Instant) {
+    pub(crate) fn confirm(&self, attempt: Stamp, from: Instant) {
         self.extend_boot_deadline(attempt.boot_at(from));
         let valid_until = from + self.ttl - drift_margin(self.ttl);
         self.status.send_modify(|s| {
@@ -243,7 +250,7 @@ impl Lease {
         });
     }
 
-    fn declare_lost(&self, why: &str) {
+    pub(crate) fn declare_lost(&self, why: &str) {
         let was_live = self.status.send_if_modified(|s| {
             let live = matches!(s.state, LeaseState::Held | LeaseState::Suspect);
             if live {
@@ -254,73 +261,6 @@ impl Lease {
         if was_live {
             metrics::counter!(m::LOST_TOTAL, "driver" => self.driver_name).increment(1);
             tracing::warn!(name = %self.key.name, owner = %self.key.owner, why, "dlock: lock lost");
-        }
-    }
-
-    /// Starts the task that keeps this lease alive until it is aborted or the lease is lost.
-    /// `sent` is when the request that created the entry was sent.
-    pub(crate) fn spawn_keeper(self: &Arc<Self>, sent: Stamp) -> JoinHandle<()> {
-        let lease = Arc::clone(self);
-        tokio::spawn(async move { lease.keep(sent).await })
-    }
-
-    async fn keep(&self, sent: Stamp) {
-        let interval = self.ttl / 3;
-        let retry = (self.ttl / 10).clamp(Duration::from_millis(5), Duration::from_secs(1));
-        let mut next_renewal = sent.at + interval;
-        loop {
-            // Wake at the deadline even when the next retry is later: lost() must fire before the
-            // store may expire the entry, not at the next attempt.
-            tokio::time::sleep_until(next_renewal.min(self.status().valid_until)).await;
-            let valid_until = self.status().valid_until;
-            let attempt = Stamp::now();
-            let sent = attempt.at;
-            if sent >= valid_until {
-                self.declare_lost("no renewal was confirmed before the validity deadline");
-                return;
-            }
-            if !self.boot_window_open() {
-                self.declare_lost("the host was suspended past the validity deadline");
-                return;
-            }
-            // One attempt may take until the next renewal would be due: a reply that never comes
-            // (lost on the way) then costs a retry, not the lock.
-            let attempt_deadline = valid_until.min(sent + interval);
-            match tokio::time::timeout_at(attempt_deadline, self.driver.renew(&self.key, self.ttl))
-                .await
-            {
-                Ok(Ok(store_sent)) => {
-                    metrics::counter!(m::RENEWALS_TOTAL, "driver" => self.driver_name, "outcome" => "ok")
-                        .increment(1);
-                    let from = store_sent.min(sent);
-                    self.confirm(attempt, from);
-                    next_renewal = from + interval;
-                }
-                Ok(Err(err)) if err.is_lost() => {
-                    self.declare_lost("the store no longer has the entry");
-                    return;
-                }
-                Ok(Err(err)) => {
-                    metrics::counter!(m::RENEWALS_TOTAL, "driver" => self.driver_name, "outcome" => "error")
-                        .increment(1);
-                    tracing::warn!(name = %self.key.name, error = %err, "dlock: lease renewal failed; retrying");
-                    self.set_state(LeaseState::Suspect);
-                    next_renewal = Instant::now() + retry;
-                }
-                Err(_) if attempt_deadline >= valid_until => {
-                    self.declare_lost(
-                        "the store did not confirm a renewal before the validity deadline",
-                    );
-                    return;
-                }
-                Err(_) => {
-                    metrics::counter!(m::RENEWALS_TOTAL, "driver" => self.driver_name, "outcome" => "timeout")
-                        .increment(1);
-                    tracing::warn!(name = %self.key.name, "dlock: a lease renewal went unanswered; retrying");
-                    self.set_state(LeaseState::Suspect);
-                    next_renewal = Instant::now();
-                }
-            }
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod driver;
 mod error;
 pub mod grant;
 mod guard;
+mod keeper;
 pub mod lease;
 mod memory;
 pub mod metrics;
@@ -37,7 +38,9 @@ mod session;
 pub mod url;
 
 pub use client::{Guards, LockAllRequest, LockRequest, LockSpec, Locks, DEFAULT_TTL};
-pub use driver::{Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued};
+pub use driver::{
+    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued, Renewal,
+};
 pub use error::{Error, Result};
 pub use guard::Guard;
 pub use lease::{LeaseState, LeaseStatus};

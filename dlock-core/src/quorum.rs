@@ -804,6 +804,16 @@ impl Driver for Quorum {
         }
     }
 
+    /// The earliest any member gives: a member whose entries share a lease may keep this entry
+    /// from before the quorum's enqueue was sent.
+    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
+        self.inner
+            .members
+            .iter()
+            .filter_map(|member| member.driver.lease_sent(key))
+            .min()
+    }
+
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
         let inner = &*self.inner;
         let entry = inner.tracked(key).ok_or_else(|| Error::Lost {

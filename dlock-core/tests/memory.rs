@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dlock_core::{
     Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LeaseState, LockMode,
-    LockName, Locks, MemoryDriver, Queued, Result,
+    LockName, Locks, MemoryDriver, Queued, Renewal, Result,
 };
 use tokio::time::{timeout, Instant};
 
@@ -929,4 +929,97 @@ async fn a_wait_that_keeps_failing_ends_when_its_lease_is_lost() {
     link.failing_renewals.store(true, Ordering::SeqCst);
     let ended = timeout(TTL * 2, waiter).await.unwrap().unwrap();
     assert!(matches!(ended, Err(Error::Lost { .. })), "{ended:?}");
+}
+
+/// The memory driver, counting the keeper's renewal calls and the renewals they carry.
+#[derive(Clone, Default)]
+struct CountingRenewals {
+    store: MemoryDriver,
+    calls: Arc<AtomicUsize>,
+    renewals: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Driver for CountingRenewals {
+    fn capabilities(&self) -> Capabilities {
+        self.store.capabilities()
+    }
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+        self.store.enqueue(request).await
+    }
+    async fn wait(&self, key: &EntryKey) -> Result<Grant> {
+        self.store.wait(key).await
+    }
+    async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.renewals.fetch_add(1, Ordering::SeqCst);
+        self.store.renew(key, ttl).await
+    }
+    async fn renew_many(&self, renewals: &[Renewal<'_>]) -> Vec<Result<Instant>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.renewals.fetch_add(renewals.len(), Ordering::SeqCst);
+        let mut answers = Vec::new();
+        for r in renewals {
+            answers.push(self.store.renew(r.key, r.ttl).await);
+        }
+        answers
+    }
+    async fn release(&self, key: &EntryKey) -> Result<()> {
+        self.store.release(key).await
+    }
+    async fn convert(&self, key: &EntryKey, mode: LockMode) -> Result<Queued> {
+        self.store.convert(key, mode).await
+    }
+    async fn inspect(&self, name: &LockName) -> Result<Vec<EntryInfo>> {
+        self.store.inspect(name).await
+    }
+    async fn raise_fence(&self, name: &LockName, floor: u64) -> Result<u64> {
+        self.store.raise_fence(name, floor).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_keeper_renews_many_held_locks_in_a_few_batches() {
+    const HELD: usize = 300;
+    let driver = CountingRenewals::default();
+    let locks = Locks::new(driver.clone());
+    let mut guards = Vec::new();
+    // Taken over a whole renewal interval, so their renewals fall due at different instants.
+    for i in 0..HELD {
+        guards.push(locks.lock(format!("held/{i}")).ttl(TTL).await.unwrap());
+        tokio::time::sleep(TTL / 3 / HELD as u32).await;
+    }
+    let (calls, renewals) = (
+        driver.calls.load(Ordering::SeqCst),
+        driver.renewals.load(Ordering::SeqCst),
+    );
+    tokio::time::sleep(TTL * 3).await;
+    let calls = driver.calls.load(Ordering::SeqCst) - calls;
+    let renewals = driver.renewals.load(Ordering::SeqCst) - renewals;
+    assert!(
+        guards.iter().all(|g| g.is_valid()),
+        "every lock is still held"
+    );
+    // Nine renewal intervals: every lock renewed at least once per interval ...
+    assert!(renewals >= HELD * 9, "{renewals} renewals of {HELD} locks");
+    // ... in batches: at most four per interval (a lock may go a quarter interval early to join one),
+    // plus one for the interval under way.
+    assert!(
+        calls <= 4 * 10,
+        "{calls} renewal calls for {renewals} renewals"
+    );
+    // A released lock is renewed no more.
+    let released: Vec<_> = guards.drain(..HELD / 2).collect();
+    for guard in released {
+        guard.release().await.unwrap();
+    }
+    let before = driver.renewals.load(Ordering::SeqCst);
+    tokio::time::sleep(TTL).await;
+    let renewed = driver.renewals.load(Ordering::SeqCst) - before;
+    assert!(
+        renewed <= (HELD / 2) * 4,
+        "{renewed} renewals of {} locks in one TTL",
+        HELD / 2
+    );
+    assert!(guards.iter().all(|g| g.is_valid()));
 }

@@ -105,6 +105,23 @@ fn name(s: &str) -> LockName {
     LockName::new(s).unwrap()
 }
 
+/// Waits (bounded) until every member grants the name's one entry: a quorum grant returns once a
+/// majority granted, while the last member's answer is still on its way.
+async fn settled_on_every_member(stores: &[MemoryDriver], lock: &str) {
+    for _ in 0..10_000 {
+        let mut settled = true;
+        for store in stores {
+            let entries = store.inspect(&name(lock)).await.unwrap();
+            settled &= entries.len() == 1 && entries[0].granted;
+        }
+        if settled {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("the members never all granted {lock:?}");
+}
+
 #[test]
 fn a_quorum_needs_an_odd_number_of_at_least_three_members() {
     for n in [0, 1, 2, 4] {
@@ -131,8 +148,12 @@ async fn a_grant_needs_a_majority_and_a_minority_grant_is_given_back() {
         stores[0].inspect(&name("x")).await.unwrap().is_empty(),
         "the grant on the minority member was not given back"
     );
-    drop(held);
+    for guard in held {
+        guard.release().await.unwrap();
+    }
     let guard = locks.lock("x").await.unwrap();
+    // A majority granted; the third member's answer may still be on its way.
+    settled_on_every_member(&stores, "x").await;
     for store in &stores {
         assert_eq!(store.inspect(&name("x")).await.unwrap().len(), 1);
     }
@@ -338,6 +359,7 @@ async fn inspect_merges_the_members_and_inspect_members_shows_each() {
     let quorum = Quorum::new(members.iter().cloned()).unwrap();
     let locks = Locks::new(quorum.clone());
     let _holder = locks.lock("x").mode(LockMode::PW).await.unwrap();
+    settled_on_every_member(&stores, "x").await;
     members[1].down.store(true, Ordering::SeqCst);
     let merged = locks.inspect("x").await.unwrap();
     assert_eq!(merged.len(), 1);

@@ -8,7 +8,8 @@ use dlock_core::{
     EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName, Queued, Result,
 };
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnResponse, WatchOptions,
+    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse, WatchOptions,
 };
 use tokio::time::Instant;
 
@@ -123,8 +124,14 @@ impl Inner {
             })
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
-        let mut entries = Vec::with_capacity(resp.kvs().len());
-        for kv in resp.kvs() {
+        Ok(self.view_of(name, revision, resp.kvs()))
+    }
+
+    /// The queue in the key-value pairs of a range read of the name's prefix at `revision`.
+    fn view_of(&self, name: &LockName, revision: i64, kvs: &[KeyValue]) -> View {
+        let prefix = name_prefix(&self.prefix, name);
+        let mut entries = Vec::with_capacity(kvs.len());
+        for kv in kvs {
             match Entry::from_kv(&prefix, kv) {
                 Some(entry) => entries.push(entry),
                 None => tracing::debug!(
@@ -135,7 +142,7 @@ impl Inner {
         }
         entries.sort_by_key(|e| e.create_revision);
         self.remove_leftovers(name, &entries);
-        Ok(View { revision, entries })
+        View { revision, entries }
     }
 
     /// Deletes entries on this driver's leases that belong to no guard: a creating transaction that
@@ -188,16 +195,51 @@ impl Inner {
     pub async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
         let started = Instant::now();
         let key = &request.key;
-        // The lease's renewal and the first read are independent: one round trip for both.
-        let (lease, first_view) = tokio::join!(
-            self.leases.acquire(request.ttl, started),
-            self.read_view(&key.name)
-        );
-        let mut lease = lease.map_err(|e| self.error(e))?;
-        let mut first_view = Some(first_view);
+        // The client's lease needs no keepalive of its own here when one was confirmed recently:
+        // core counts the entry's validity from that keepalive ([`Inner::lease_sent`]).
+        let recent = started.checked_sub(request.ttl / 6).unwrap_or(started);
+        let mut lease = self
+            .leases
+            .acquire(request.ttl, recent)
+            .await
+            .map_err(|e| self.error(e))?;
         // Tracked before the entry can exist, so it is never mistaken for a leftover.
         self.entries.track(key, &lease, request.ttl);
         let path = self.key_of(key);
+        let prefix = name_prefix(&self.prefix, &key.name);
+        // On a name nobody holds or waits for, one transaction queues the entry granted; otherwise
+        // the same round trip reads the queue the rules below decide on.
+        let free = Txn::new()
+            .when([Compare::create_revision(prefix.clone(), CompareOp::Equal, 0).with_prefix()])
+            .and_then([TxnOp::put(
+                path.clone(),
+                Value::fresh_grant(request.mode).encode(),
+                Some(PutOptions::new().with_lease(lease.id)),
+            )])
+            .or_else([TxnOp::get(prefix, Some(GetOptions::new().with_prefix()))]);
+        let mut first_view = None;
+        match self.txn("queue on a free name", free).await {
+            Ok(resp) if resp.succeeded() => {
+                let revision = revision_of(&resp)?;
+                self.entries.created(key, revision, Some(request.mode));
+                return Ok(Queued::Granted(Grant {
+                    mode: request.mode,
+                    token: revision as u64,
+                }));
+            }
+            Ok(resp) => {
+                let revision = revision_of(&resp)?;
+                if let Some(TxnOpResponse::Get(range)) = resp.op_responses().into_iter().next() {
+                    first_view = Some(Ok(self.view_of(&key.name, revision, range.kvs())));
+                }
+            }
+            Err(e) if e.is_lease_not_found() => {
+                lease = self
+                    .replace_lease(key, &lease, request.ttl, started)
+                    .await?;
+            }
+            Err(e) => return Err(self.error(e)),
+        }
         for _ in 0..MAX_ROUNDS {
             let view = match first_view.take() {
                 Some(view) => view,
@@ -473,6 +515,11 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// When the last confirmed keepalive of the lease `key`'s entry is on was sent.
+    pub fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
+        self.entries.live_lease(key).map(|lease| lease.confirmed())
     }
 
     pub async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {

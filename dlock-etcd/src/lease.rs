@@ -79,6 +79,11 @@ impl Lease {
         })
     }
 
+    /// When the last confirmed keepalive (or the grant) was sent.
+    pub fn confirmed(&self) -> Instant {
+        lock(&self.state).confirmed
+    }
+
     pub fn is_lost(&self) -> bool {
         lock(&self.state).lost
     }

@@ -92,8 +92,10 @@
 //!
 //! | operation | round trips | etcd requests |
 //! |---|---|---|
-//! | acquire, granted at once | 2 | a lease keepalive (or grant) and a range read, sent together; then one guarded transaction |
+//! | acquire on a free name | 1 | one transaction: if the name has no entry, put this one granted, else read the queue |
+//! | acquire granted beside other holders | 2 | that transaction, then one guarded transaction |
 //! | acquire that waits | 2, then 1 read + a watch, and 1 transaction when granted | as above; the waiter grants itself |
+//! | the client's lease | a keepalive on the acquire path only when none was confirmed in the last TTL/6 (or a grant, for the first lock with a TTL) | one `LeaseKeepAlive` or `LeaseGrant` |
 //! | release | 1 | one guarded delete transaction |
 //! | handoff (release → next holder runs) | 1 (release) + ½ (watch event) + 2 (read, grant transaction) | a delete, a watch event, a read and a transaction |
 //! | renewal | one keepalive per **lease** (per client and TTL) every TTL/6 to TTL/3, whatever the number of locks | one `LeaseKeepAlive` |
@@ -526,6 +528,10 @@ impl Driver for EtcdDriver {
 
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
         self.inner.renew(key, ttl).await
+    }
+
+    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
+        self.inner.lease_sent(key)
     }
 
     async fn release(&self, key: &EntryKey) -> Result<()> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use dlock::lease::drift_margin;
-use dlock::{Capabilities, Error, LeaseState, LockMode, Locks};
+use dlock::{Capabilities, Error, Guard, LeaseState, LockMode, Locks};
 use dlock_etcd::etcd_client::{GetOptions, Txn, TxnOp};
 use dlock_etcd::{EtcdDriver, Fence};
 use dlock_tests::harness::etcd::EtcdSecurity;
@@ -369,6 +369,63 @@ async fn a_release_wakes_one_waiter_not_all() -> Result<()> {
         "{watches} watches were re-created: waiters woke without being next"
     );
     Ok(())
+}
+
+/// On etcd 3.4 and 3.5 (the empty-prefix compare it relies on is the server's): an acquire on a
+/// free name is one transaction, with no read and no keepalive of the lease a recent lock renewed.
+async fn uncontended_acquire_costs_one_transaction(version: EtcdVersion) -> Result<()> {
+    let server = EtcdServer::start(version).await?;
+    let driver = EtcdDriver::connect(&url_of(server.as_cluster())).await?;
+    let locks = Locks::new(driver);
+    let ttl = Duration::from_secs(60);
+    // The first lock with this TTL grants the client's lease.
+    locks.lock("free/warm").ttl(ttl).await?.release().await?;
+    let member = server.member();
+    let txns = rpcs_started(member, "Txn").await?;
+    let reads = rpcs_started(member, "Range").await?;
+    let keepalives = counter(member, "etcd_debugging_lease_renewed_total").await?;
+    let mut guards = Vec::new();
+    for i in 0..5 {
+        guards.push(locks.lock(format!("free/{i}")).ttl(ttl).await?);
+    }
+    let txns = rpcs_started(member, "Txn").await? - txns;
+    let reads = rpcs_started(member, "Range").await? - reads;
+    let keepalives = counter(member, "etcd_debugging_lease_renewed_total").await? - keepalives;
+    ensure!(
+        (txns, reads, keepalives) == (5, 0, 0),
+        "5 acquires on free names cost {txns} transactions, {reads} reads, {keepalives} keepalives"
+    );
+    // A name with a holder is read in the same transaction and granted beside it.
+    let beside = locks.lock("free/0").mode(LockMode::PR).try_acquire().await;
+    ensure!(
+        beside.unwrap_err().is_would_block(),
+        "EX held: PR must wait"
+    );
+    for guard in guards {
+        guard.release().await?;
+    }
+    let shared = [
+        locks.lock("free/shared").mode(LockMode::PR).await?,
+        locks.lock("free/shared").mode(LockMode::PR).await?,
+    ];
+    ensure!(shared.iter().all(Guard::is_valid));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncontended_acquire_is_one_transaction_on_etcd_3_4() -> Result<()> {
+    if !harness::require(Backend::Etcd) {
+        return Ok(());
+    }
+    uncontended_acquire_costs_one_transaction(EtcdVersion::V3_4).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncontended_acquire_is_one_transaction_on_etcd_3_5() -> Result<()> {
+    if !harness::require(Backend::Etcd) {
+        return Ok(());
+    }
+    uncontended_acquire_costs_one_transaction(EtcdVersion::V3_5).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use dlock::{
     Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, LockMode, LockName, Locks,
-    MemoryDriver, OwnerId, Queued,
+    MemoryDriver, OwnerId, Queued, Renewal,
 };
 use dlock_etcd::etcd_client;
 use dlock_tests::harness::net::http_get;
@@ -51,8 +51,9 @@ impl Target {
     }
 }
 
-/// Counts driver calls: all of them (the in-memory store has no counters of its own) and renewals
-/// (what the keepers ask of the driver, before any sharing inside it).
+/// Counts driver calls: all of them (the in-memory store has no counters of its own) and renewal
+/// calls (what the client's keeper asks of the driver — a batch is one call — before any sharing
+/// inside it).
 pub struct Counting {
     inner: Arc<dyn Driver>,
     calls: Arc<AtomicU64>,
@@ -82,6 +83,14 @@ impl Driver for Counting {
         self.count();
         self.renewals.fetch_add(1, Ordering::Relaxed);
         self.inner.renew(key, ttl).await
+    }
+    async fn renew_many(&self, renewals: &[Renewal<'_>]) -> Vec<dlock::Result<Instant>> {
+        self.count();
+        self.renewals.fetch_add(1, Ordering::Relaxed);
+        self.inner.renew_many(renewals).await
+    }
+    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
+        self.inner.lease_sent(key)
     }
     async fn release(&self, key: &EntryKey) -> dlock::Result<()> {
         self.count();
