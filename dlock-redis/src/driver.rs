@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dlock_core::{
     Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName,
-    OwnerId, Queued, Result,
+    OwnerId, Queued, Renewal, Result,
 };
 use redis::Value;
 use tokio::time::Instant;
@@ -269,8 +269,9 @@ fn mode(index: i64) -> Result<LockMode> {
 /// An entry's state as the scripts report it.
 enum State {
     Granted(Grant),
-    /// Waiting; the earliest lease among its blockers runs out in this many milliseconds, if known.
-    Waiting(Option<u64>),
+    /// Waiting; the earliest lease among its blockers runs out in this many milliseconds, if known,
+    /// and the token the entry holds (0 before its first grant).
+    Waiting(Option<u64>, u64),
     Lost,
     WouldBlock,
     NotGranted,
@@ -286,7 +287,10 @@ fn parse_state(reply: &[Value]) -> Result<State> {
             mode: mode(int(reply.get(1))?)?,
             token: u64::try_from(int(reply.get(2))?).map_err(|_| unexpected(&reply[2]))?,
         }),
-        "W" => State::Waiting(u64::try_from(int(reply.get(1))?).ok()),
+        "W" => State::Waiting(
+            u64::try_from(int(reply.get(1))?).ok(),
+            reply.get(2).map_or(Ok(0), |t| int(Some(t)))?.max(0) as u64,
+        ),
         "L" => State::Lost,
         "WB" => State::WouldBlock,
         "NG" => State::NotGranted,
@@ -294,6 +298,19 @@ fn parse_state(reply: &[Value]) -> Result<State> {
         "OK" => State::Ok,
         _ => return Err(unexpected(&Value::Array(reply.to_vec()))),
     })
+}
+
+/// The answers to a batch that failed as a whole: the error for the first renewal, its text for the
+/// others (an [`Error`] cannot be cloned).
+fn every_one_failed(n: usize, err: Error) -> Vec<Result<Instant>> {
+    let message = match &err {
+        Error::Backend { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    let mut answers = Vec::with_capacity(n);
+    answers.push(Err(err));
+    answers.extend((1..n).map(|_| Err(Error::backend_msg(DRIVER, message.clone()))));
+    answers
 }
 
 fn lost(key: &EntryKey) -> Error {
@@ -342,7 +359,7 @@ impl Driver for RedisDriver {
             .await?;
         match parse_state(&reply)? {
             State::Granted(grant) => Ok(Queued::Granted(grant)),
-            State::Waiting(_) => Ok(Queued::Waiting),
+            State::Waiting(..) => Ok(Queued::Waiting),
             State::WouldBlock => Err(Error::WouldBlock {
                 name: key.name.to_string(),
             }),
@@ -358,11 +375,17 @@ impl Driver for RedisDriver {
             .register(&self.channel(&key.name), key.owner.as_str());
         let mut backoff = Duration::from_millis(20);
         let mut unsubscribed_backoff = Duration::from_millis(50);
+        // The token the entry held at the last check, once a check has said it waits.
+        let mut held = None;
         loop {
             // Subscribed before checking: a grant after the check is announced to us.
             let subscribed = registration
                 .ensure_subscribed(self.inner.response_timeout)
                 .await;
+            // A wake-up that carries a grant made after the last check is the answer itself.
+            if let Some(grant) = held.and_then(|held| registration.grant_above(held)) {
+                return Ok(grant);
+            }
             let pause = match self
                 .call(
                     &self.inner.scripts.wait_check,
@@ -374,7 +397,8 @@ impl Driver for RedisDriver {
             {
                 Ok(State::Granted(grant)) => return Ok(grant),
                 Ok(State::Lost) => return Err(lost(key)),
-                Ok(State::Waiting(expiry)) => {
+                Ok(State::Waiting(expiry, token)) => {
+                    held = Some(token);
                     backoff = Duration::from_millis(20);
                     // One extra millisecond so we look just after the blocker's lease ran out.
                     expiry.map_or(poll, |ms| Duration::from_millis(ms + 1).min(poll))
@@ -426,6 +450,38 @@ impl Driver for RedisDriver {
         }
     }
 
+    /// One script renews the whole batch on a stand-alone server: one round trip per batch. A
+    /// cluster keeps a name's keys in the name's own slot, and a script may not span slots, so there
+    /// every renewal is its own script, all sent at once.
+    async fn renew_many(&self, renewals: &[Renewal<'_>]) -> Vec<Result<Instant>> {
+        if self.inner.cluster || renewals.len() < 2 {
+            return futures::future::join_all(renewals.iter().map(|r| self.renew(r.key, r.ttl)))
+                .await;
+        }
+        let sent = Instant::now();
+        let mut call = self.inner.scripts.renew_many.prepare_invoke();
+        for r in renewals {
+            call.key(self.queue_key(&r.key.name))
+                .arg(self.channel(&r.key.name))
+                .arg(r.key.owner.as_str())
+                .arg(millis(r.ttl));
+        }
+        let replies = match self.inner.commands.invoke(&call).await {
+            Ok(Value::Array(replies)) if replies.len() == renewals.len() => replies,
+            Ok(other) => return every_one_failed(renewals.len(), unexpected(&other)),
+            Err(err) => return every_one_failed(renewals.len(), err),
+        };
+        renewals
+            .iter()
+            .zip(&replies)
+            .map(|(r, reply)| match string(Some(reply))?.as_str() {
+                "OK" => Ok(sent),
+                "L" => Err(lost(r.key)),
+                _ => Err(unexpected(reply)),
+            })
+            .collect()
+    }
+
     async fn release(&self, key: &EntryKey) -> Result<()> {
         let reply = self
             .call(
@@ -450,7 +506,7 @@ impl Driver for RedisDriver {
             .await?;
         match parse_state(&reply)? {
             State::Granted(grant) => Ok(Queued::Granted(grant)),
-            State::Waiting(_) => Ok(Queued::Waiting),
+            State::Waiting(..) => Ok(Queued::Waiting),
             State::Lost => Err(lost(key)),
             State::NotGranted => Err(Error::backend_msg(
                 DRIVER,

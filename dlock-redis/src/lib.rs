@@ -69,11 +69,14 @@
 //!
 //! # Waiting
 //!
-//! Scripts that grant publish the new holders' owner ids on the name's channel (`PUBLISH`; on a cluster
-//! the sharded `SPUBLISH`, so a wake-up stays on the shard that owns the name instead of crossing the
-//! whole cluster bus). Each driver has one subscriber connection (RESP3) shared by all its waiters; a
-//! message wakes only the waiters it names, so a release costs one check by the next holder, not one per
-//! waiter.
+//! Scripts that grant publish the new holders on the name's channel, each as `owner:mode:token`
+//! (`PUBLISH`; on a cluster the sharded `SPUBLISH`, so a wake-up stays on the shard that owns the name
+//! instead of crossing the whole cluster bus). Each driver has one subscriber connection (RESP3)
+//! shared by all its waiters; a message wakes only the waiters it names, and carries their grant: a
+//! waiter takes it as its answer when its token is above the token its entry held at the waiter's
+//! last check (so a late message about an earlier grant is never mistaken for the one awaited), and
+//! runs no script of its own. A release therefore costs one script and one message, however many
+//! wait.
 //!
 //! Pub/sub may drop messages. So each wait-check also returns how long until the earliest lease among
 //! the entries blocking the waiter runs out, and the waiter re-checks then: when a holder crashed, the
@@ -90,10 +93,10 @@
 //! | operation | round trips | store operations |
 //! |---|---|---|
 //! | acquire, granted at once | 1 | one script (`EVALSHA`) |
-//! | acquire that waits | 1, then 1 per wake-up | one script, then one wait-check script per wake-up (a grant message naming this waiter, the next lease end in its way, or the poll interval) |
+//! | acquire that waits | 2 (enqueue, the first check), then 1 per wake-up that carries no grant | one script, one wait-check script, then one wait-check per wake-up without a grant (the next lease end in its way, the poll interval, a lost subscriber connection) |
 //! | release | 1 | one script, which grants the next entries and publishes one message naming them |
-//! | handoff (release → next holder runs) | 1 (release) + ½ (message) + 1 (the waiter's check) | two scripts and one `PUBLISH` |
-//! | renewal | 1 per held lock every TTL/3 | one script per held lock |
+//! | handoff (release → next holder runs) | 1 (release) + ½ (the message, which carries the grant) | one script and one `PUBLISH` |
+//! | renewal | the client's keeper renews every lock due within a quarter of the renewal interval together: on a stand-alone server one round trip per batch of up to 1,000 locks, a few batches per TTL/3 however many locks are held; on a cluster, one script per lock, all of a batch sent at once | one script per batch (stand-alone), one per lock (cluster) |
 //! | conversion | 1 (granted at once) or 1 + the wait | one script, then as a waiting acquire |
 //! | inspect | 1 | one script |
 //!

@@ -252,7 +252,7 @@ local function settle(st)
     end
     e.tok = next_counter(st, '.tok')
     touch(st, e)
-    st.wake[#st.wake + 1] = e.owner
+    st.wake[#st.wake + 1] = string.format('%s:%d:%.0f', e.owner, e.mode, e.tok)
   end
 end
 
@@ -268,7 +268,8 @@ local function call_chunked(cmd, key, args)
 end
 
 -- Writes what changed, keeps the key's expiry at its longest-living entry (or counter), and names the
--- newly granted owners on the wake-up channel.
+-- newly granted owners on the wake-up channel, each as `owner:mode:token` (a bare `owner` asks the
+-- waiter to look for itself).
 local function finish(st)
   local hwm = math.max(st.meta['.tok'] or 0, st.meta['.seq'] or 0)
   if st.dirty then
@@ -333,12 +334,13 @@ local function state_reply(st, i)
   if e.granted and e.conv == nil then
     return { 'G', e.mode, e.tok }
   end
-  return { 'W', wait_ms(st, i) }
+  -- The token held (0 before the first grant): a wake-up carrying a grant counts only above it.
+  return { 'W', wait_ms(st, i), e.tok }
 end
 "#;
 
 /// `KEYS[1]` queue; `ARGV`: channel, owner, mode, ttl ms, wait (`1`/`0`).
-/// Replies `{'G', mode, token}`, `{'W', ms}` or `{'WB'}`.
+/// Replies `{'G', mode, token}`, `{'W', ms, token held}` or `{'WB'}`.
 const ENQUEUE: &str = r#"
 local st = open(KEYS[1], ARGV[1])
 settle(st)
@@ -365,7 +367,7 @@ finish(st)
 return reply
 "#;
 
-/// `KEYS[1]` queue; `ARGV`: channel, owner. Replies `{'G', …}`, `{'W', ms}` or `{'L'}`.
+/// `KEYS[1]` queue; `ARGV`: channel, owner. Replies `{'G', …}`, `{'W', …}` or `{'L'}`.
 const WAIT_CHECK: &str = r#"
 local st = open(KEYS[1], ARGV[1])
 settle(st)
@@ -396,6 +398,27 @@ finish(st)
 return reply
 "#;
 
+/// `KEYS[k]` the queue of the k-th renewal; `ARGV[3k-2..3k]` its channel, owner and ttl ms. Replies
+/// one `'OK'` or `'L'` per renewal, as [`RENEW`] would. Stand-alone servers only: a cluster refuses
+/// keys of several slots in one script.
+const RENEW_MANY: &str = r#"
+local replies = {}
+for k = 1, #KEYS do
+  local st = open(KEYS[k], ARGV[3 * k - 2])
+  settle(st)
+  local i = find(st, ARGV[3 * k - 1])
+  replies[k] = 'L'
+  if i ~= nil then
+    local e = st.q[i]
+    e.exp = st.now_us + tonumber(ARGV[3 * k]) * 1000
+    touch(st, e)
+    replies[k] = 'OK'
+  end
+  finish(st)
+end
+return replies
+"#;
+
 /// `KEYS[1]` queue; `ARGV`: channel, owner. Replies `{'OK'}`, also when the entry is gone.
 const RELEASE: &str = r#"
 local st = open(KEYS[1], ARGV[1])
@@ -408,7 +431,7 @@ finish(st)
 return { 'OK' }
 "#;
 
-/// `KEYS[1]` queue; `ARGV`: channel, owner, mode. Replies `{'G', …}`, `{'W', ms}`, `{'L'}`, `{'NG'}`
+/// `KEYS[1]` queue; `ARGV`: channel, owner, mode. Replies `{'G', …}`, `{'W', …}`, `{'L'}`, `{'NG'}`
 /// (not granted yet) or `{'D', held mode}` (deadlock; nothing changed).
 const CONVERT: &str = r#"
 local st = open(KEYS[1], ARGV[1])
@@ -549,6 +572,7 @@ pub(crate) struct Scripts {
     pub enqueue: redis::Script,
     pub wait_check: redis::Script,
     pub renew: redis::Script,
+    pub renew_many: redis::Script,
     pub release: redis::Script,
     pub convert: redis::Script,
     pub inspect: redis::Script,
@@ -573,6 +597,7 @@ impl Scripts {
             enqueue: s(ENQUEUE),
             wait_check: s(WAIT_CHECK),
             renew: s(RENEW),
+            renew_many: s(RENEW_MANY),
             release: s(RELEASE),
             convert: s(CONVERT),
             inspect: s(INSPECT),

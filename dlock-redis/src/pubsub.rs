@@ -1,7 +1,9 @@
 //! Wake-ups: every waiter of a driver shares one subscriber connection.
 //!
-//! The scripts publish, on a name's channel, the owners they just granted (space-separated). Only the
-//! waiters named are woken, so a release costs one script run for the next holder, not one per waiter.
+//! The scripts publish, on a name's channel, the owners they just granted with the mode and token of
+//! each grant (`owner:mode:token`, space-separated). Only the waiters named are woken, and a waiter
+//! whose wake-up carries a grant newer than what it last saw needs no script of its own, so a
+//! release costs one script run and one message for the next holder, not one per waiter.
 //! Messages can be lost (pub/sub is fire-and-forget, and a reconnect drops what was in flight); waiters
 //! therefore also wake at the earliest expiry of what blocks them and at a bounded poll interval, so a
 //! lost message costs latency, never a hang.
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use dlock_core::{Grant, LockMode};
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::Notify;
 
@@ -41,6 +44,29 @@ struct Slot {
     id: u64,
     owner: String,
     notify: Arc<Notify>,
+    /// The newest grant a message carried for this owner.
+    grant: Arc<Mutex<Option<Grant>>>,
+}
+
+/// One item of a wake-up message: `owner:mode:token`, or a bare `owner` (look for yourself).
+fn parse_item(item: &[u8]) -> (&[u8], Option<Grant>) {
+    let mut parts = item.splitn(3, |b| *b == b':');
+    let owner = parts.next().unwrap_or_default();
+    let grant = (|| {
+        let mode = std::str::from_utf8(parts.next()?)
+            .ok()?
+            .parse::<usize>()
+            .ok()?;
+        let token = std::str::from_utf8(parts.next()?)
+            .ok()?
+            .parse::<u64>()
+            .ok()?;
+        Some(Grant {
+            mode: *LockMode::ALL.get(mode)?,
+            token,
+        })
+    })();
+    (owner, grant)
 }
 
 fn text(value: &Value) -> Option<&[u8]> {
@@ -74,8 +100,15 @@ impl Registry {
                 let Some(ch) = state.channels.get(channel) else {
                     return;
                 };
-                for owner in payload.split(|b| *b == b' ') {
+                for item in payload.split(|b| *b == b' ') {
+                    let (owner, grant) = parse_item(item);
                     for slot in ch.waiters.iter().filter(|s| s.owner.as_bytes() == owner) {
+                        if let Some(grant) = grant {
+                            let mut newest = slot.grant.lock().unwrap_or_else(|p| p.into_inner());
+                            if newest.is_none_or(|seen| seen.token < grant.token) {
+                                *newest = Some(grant);
+                            }
+                        }
                         slot.notify.notify_one();
                     }
                 }
@@ -119,6 +152,7 @@ impl Wakeups {
     /// Registers interest in `owner`'s grant on `channel` until the registration is dropped.
     pub(crate) fn register(self: &Arc<Self>, channel: &str, owner: &str) -> Registration {
         let notify = Arc::new(Notify::new());
+        let grant = Arc::default();
         let id = {
             let mut state = self.registry.lock();
             state.next_id += 1;
@@ -132,6 +166,7 @@ impl Wakeups {
                     id,
                     owner: owner.to_owned(),
                     notify: Arc::clone(&notify),
+                    grant: Arc::clone(&grant),
                 });
             id
         };
@@ -140,6 +175,7 @@ impl Wakeups {
             channel: channel.to_owned(),
             id,
             notify,
+            grant,
             subscribed_at: None,
         }
     }
@@ -152,6 +188,7 @@ pub(crate) struct Registration {
     channel: String,
     id: u64,
     notify: Arc<Notify>,
+    grant: Arc<Mutex<Option<Grant>>>,
     subscribed_at: Option<u64>,
 }
 
@@ -202,6 +239,13 @@ impl Registration {
     pub(crate) async fn notified(&self) {
         self.notify.notified().await;
     }
+
+    /// The newest grant a wake-up carried for this owner, if its token is above `held` (the token
+    /// the entry held when the waiter last looked; older grants are stale news).
+    pub(crate) fn grant_above(&self, held: u64) -> Option<Grant> {
+        let newest = *self.grant.lock().unwrap_or_else(|p| p.into_inner());
+        newest.filter(|grant| grant.token > held)
+    }
 }
 
 impl Drop for Registration {
@@ -235,5 +279,27 @@ impl Drop for Registration {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wake_up_items_carry_the_grant_or_name_the_owner_alone() {
+        let (owner, grant) = parse_item(b"0123abcd-7:5:1733000000000001");
+        assert_eq!(owner, b"0123abcd-7");
+        assert_eq!(
+            grant,
+            Some(Grant {
+                mode: LockMode::EX,
+                token: 1_733_000_000_000_001
+            })
+        );
+        assert_eq!(parse_item(b"0123abcd-7"), (&b"0123abcd-7"[..], None));
+        // Unreadable grants wake the owner without an answer: it checks for itself.
+        assert_eq!(parse_item(b"a-1:6:10").1, None);
+        assert_eq!(parse_item(b"a-1:2:x").1, None);
     }
 }
