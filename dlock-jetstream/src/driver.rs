@@ -64,6 +64,51 @@ struct Inner {
     /// The last known stream sequence of each own entry's message, for compare-and-set renewals.
     entries: Mutex<HashMap<EntryKey, Cached>>,
     watches: Watches,
+    head_writers: HeadWriters,
+}
+
+/// Takes this client's writes of one name's head in turn. Its own tasks racing each other for the
+/// head would cost each of them a lost compare-and-set per rival (so the cost of a crowd grows with
+/// its square), and where writes are verified, more racers in one replication round than the
+/// subject keeps history would leave nobody able to tell which write won.
+#[derive(Default)]
+struct HeadWriters(Mutex<HashMap<LockName, Arc<tokio::sync::Mutex<()>>>>);
+
+impl HeadWriters {
+    fn gates(&self) -> std::sync::MutexGuard<'_, HashMap<LockName, Arc<tokio::sync::Mutex<()>>>> {
+        // Each update is one insert or removal: a poisoned map is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn turn(&self, name: &LockName) -> HeadTurn<'_> {
+        let gate = Arc::clone(self.gates().entry(name.clone()).or_default());
+        let turn = Arc::clone(&gate).lock_owned().await;
+        HeadTurn {
+            writers: self,
+            name: name.clone(),
+            gate,
+            turn: Some(turn),
+        }
+    }
+}
+
+/// One writer's turn on a name's head; the name's gate goes when its last user does.
+struct HeadTurn<'a> {
+    writers: &'a HeadWriters,
+    name: LockName,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for HeadTurn<'_> {
+    fn drop(&mut self) {
+        self.turn = None;
+        let mut gates = self.writers.gates();
+        // The map's reference and this one: nobody else waits for the gate.
+        if Arc::strong_count(&self.gate) == 2 {
+            gates.remove(&self.name);
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -288,6 +333,7 @@ impl JetStreamDriver {
         Ok(JetStreamDriver {
             inner: Arc::new(Inner {
                 watches: Watches::new(client.clone()),
+                head_writers: HeadWriters::default(),
                 client,
                 js,
                 stream,
@@ -993,6 +1039,11 @@ impl Inner {
         probe: bool,
         extra: Option<&str>,
     ) -> Result<Settled> {
+        // Waiters only looking run side by side; changes of this client's own take turns.
+        let _turn = match op {
+            Op::Settle => None,
+            _ => Some(self.head_writers.turn(name).await),
+        };
         for attempt in 0..MAX_ATTEMPTS {
             if attempt >= 3 {
                 // Many clients racing on one head: spread the retries out.

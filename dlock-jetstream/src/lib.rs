@@ -80,6 +80,9 @@
 //!   [`dlock_core::grant`], and writes the new head with `Nats-Expected-Last-Subject-Sequence`. Every
 //!   grant on a name therefore passes through one compare-and-set on one subject: two clients with
 //!   stale views cannot both grant conflicting entries; the loser re-reads and decides again.
+//!   Within one client, the operations that change a name's queue (queue, release, convert) take
+//!   turns on it, so a crowd of one client's tasks costs each of them one read and one write, not
+//!   one lost compare-and-set per rival; waiters only looking run side by side.
 //! - **Fencing tokens** are the stream sequence of the head write that made the grant (for a
 //!   conversion: that granted the conversion). They increase along every chain of conflicting holders
 //!   (`fencing`), but compatible entries granted by one write share a token, so `fencing_total_order`
@@ -105,7 +108,7 @@
 //! | acquire that waits | as above, then 1–2 per head change until granted | as above; then per wake-up a read of the head and its entries; waiters share one push consumer per client and name |
 //! | release | 3 (4 when other entries are queued) | purge the entry's subject; read the head and its entries; publish the head without it |
 //! | handoff (release → next holder runs) | the release + ½ (head change delivered) + 2 | the release's requests, then the waiter's read of the head and its entries |
-//! | renewal | 1 per held lock every TTL/3 | one publish with compare-and-set per held lock |
+//! | renewal | 1 per held lock every TTL/3; the client's keeper sends the renewals that fall due together, so they travel in parallel, but JetStream has no write of several subjects in one request | one publish with compare-and-set per held lock |
 //! | conversion | 2–3, then as a waiting acquire | read the head and its entries; publish the head |
 //! | inspect | 1–2 (+ 1 clock write on 2.9/2.10) | read the head and its entries |
 //!

@@ -645,6 +645,48 @@ pub async fn separate_clients_contend_correctly<F: Factory>(f: &F) -> Result<()>
     Ok(())
 }
 
+/// A hundred tasks of one client ask for one name at once, as a new user's first load test does:
+/// every one of them gets it, one at a time, none fails or times out.
+pub async fn a_hundred_concurrent_acquirers_all_get_the_lock<F: Factory>(f: &F) -> Result<()> {
+    const TASKS: usize = 100;
+    let locks = f.client().await?;
+    let inside = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let (locks, inside, start) = (locks.clone(), inside.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let guard = locks.lock("crowd").ttl(LONG_TTL).await?;
+            ensure!(
+                inside.fetch_add(1, Ordering::SeqCst) == 0,
+                "two holders at once"
+            );
+            tokio::task::yield_now().await;
+            inside.fetch_sub(1, Ordering::SeqCst);
+            let token = guard.fencing_token();
+            guard.release().await?;
+            anyhow::Ok(token)
+        }));
+    }
+    let mut tokens = Vec::with_capacity(TASKS);
+    for task in tasks {
+        tokens.push(within(HANG * 4, "a crowded acquirer finishes", task).await???);
+    }
+    tokens.sort_unstable();
+    tokens.dedup();
+    ensure!(
+        tokens.len() == TASKS,
+        "{} distinct tokens for {TASKS} grants",
+        tokens.len()
+    );
+    ensure!(
+        queue(&locks, "crowd").await?.is_empty(),
+        "entries left behind"
+    );
+    Ok(())
+}
+
 /// Many clients run thousands of random operations while links are cut and (for servers) the store is
 /// paused; the checker finds no incompatible overlap of validity windows and no fencing inversion.
 pub async fn history_under_faults_is_linearizable<F: Factory>(f: &F) -> Result<()> {
