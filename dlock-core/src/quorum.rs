@@ -1062,7 +1062,13 @@ impl Driver for Quorum {
                     None
                 }
                 .unwrap_or(infos[0].mode);
-                let converting_to = infos.iter().find_map(|i| i.converting_to);
+                // Members that disagree on the mode held are between two modes (a conversion is
+                // being settled on them): the entry surely holds the meet, and may still keep
+                // newcomers out as the join does.
+                let converting_to = infos.iter().find_map(|i| i.converting_to).or_else(|| {
+                    let join = granted.iter().map(|i| i.mode).reduce(LockMode::join)?;
+                    (is_granted && join != mode).then_some(join)
+                });
                 let order = (first.0 as u64) << 48 | (first.1 & ((1 << 48) - 1));
                 (
                     first,

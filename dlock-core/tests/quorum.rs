@@ -379,3 +379,27 @@ async fn inspect_merges_the_members_and_inspect_members_shows_each() {
         .contains("did not answer"));
     assert_eq!(views[2].entries.as_ref().unwrap().len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn inspect_shows_members_that_disagree_on_the_mode_as_a_conversion_under_way() {
+    let stores = stores(3);
+    let members: Vec<Member> = stores.iter().map(Member::new).collect();
+    let locks = quorum_of(&members);
+    let guard = locks.lock("x").mode(LockMode::PR).await.unwrap();
+    settled_on_every_member(&stores, "x").await;
+    // One member is brought down to CR ahead of the others, as a settling conversion does.
+    stores[0]
+        .convert(guard.entry_key(), LockMode::CR)
+        .await
+        .unwrap();
+    let merged = locks.inspect("x").await.unwrap();
+    assert_eq!(merged.len(), 1);
+    assert!(merged[0].granted);
+    assert_eq!(merged[0].mode, LockMode::CR, "what the entry surely holds");
+    assert_eq!(
+        merged[0].converting_to,
+        Some(LockMode::PR),
+        "what it may still keep newcomers out as"
+    );
+    guard.release().await.unwrap();
+}
