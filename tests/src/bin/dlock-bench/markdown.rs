@@ -300,8 +300,8 @@ fn checks(records: &[Record]) -> Vec<Check> {
                             driver,
                             target: "renewal store calls per TTL/3 ≤ 1 % of the locks held".into(),
                             measured: format!(
-                                "{calls}{also} for {n} locks = {:.0} %",
-                                share * 100.0
+                                "{calls}{also} for {n} locks = {} %",
+                                percent(share * 100.0)
                             ),
                             met: share <= 0.01,
                         });
@@ -357,4 +357,16 @@ fn checks(records: &[Record]) -> Vec<Check> {
         }
     }
     out
+}
+
+/// A share in percent with two significant digits below 10 (0.1 %, not 0 %).
+fn percent(p: f64) -> String {
+    if p >= 10.0 {
+        format!("{p:.0}")
+    } else {
+        format!("{p:.2}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_owned()
+    }
 }
