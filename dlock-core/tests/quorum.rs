@@ -1,6 +1,7 @@
 //! The majority quorum over in-memory members: majorities, step-back under contention, fencing across
 //! members whose own tokens do not compare, member failures, conversion.
 
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,8 @@ struct Member {
     down: Arc<AtomicBool>,
     jitter: bool,
     token_offset: u64,
+    /// While set, a blocking enqueue reaches the store at once and its answer a second later.
+    slow_queueing: Arc<AtomicBool>,
 }
 
 impl Member {
@@ -31,6 +34,7 @@ impl Member {
             down: Arc::default(),
             jitter: false,
             token_offset: 0,
+            slow_queueing: Arc::default(),
         }
     }
 
@@ -59,7 +63,11 @@ impl Driver for Member {
     }
     async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
         self.gate().await;
-        Ok(match self.store.enqueue(request).await? {
+        let answer = self.store.enqueue(request).await;
+        if request.wait && self.slow_queueing.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Ok(match answer? {
             Queued::Granted(g) => Queued::Granted(self.offset(g)),
             Queued::Waiting => Queued::Waiting,
         })
@@ -402,4 +410,35 @@ async fn inspect_shows_members_that_disagree_on_the_mode_as_a_conversion_under_w
         "what it may still keep newcomers out as"
     );
     guard.release().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acquire_cancelled_while_a_member_queues_it_leaves_nothing_there() {
+    let stores = stores(3);
+    let members: Vec<Member> = stores.iter().map(Member::new).collect();
+    let locks = quorum_of(&members);
+    // Two members are held directly, so the request climbs: member 0 grants it, member 1 queues it.
+    let direct = [Locks::new(stores[1].clone()), Locks::new(stores[2].clone())];
+    let held = [
+        direct[0].lock("x").await.unwrap(),
+        direct[1].lock("x").await.unwrap(),
+    ];
+    members[1].slow_queueing.store(true, Ordering::SeqCst);
+    let acquire = tokio::spawn(locks.lock("x").into_future());
+    for _ in 0..10_000 {
+        if stores[1].inspect(&name("x")).await.unwrap().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(stores[1].inspect(&name("x")).await.unwrap().len(), 2);
+    // Cancelled while member 1 has the entry but has not answered yet.
+    acquire.abort();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (i, store) in stores.iter().enumerate() {
+        let entries = store.inspect(&name("x")).await.unwrap();
+        let direct_holder = usize::from(i > 0);
+        assert_eq!(entries.len(), direct_holder, "member {i}: {entries:?}");
+    }
+    drop(held);
 }
