@@ -219,14 +219,7 @@ impl Inner {
             .or_else([TxnOp::get(prefix, Some(GetOptions::new().with_prefix()))]);
         let mut first_view = None;
         match self.txn("queue on a free name", free).await {
-            Ok(resp) if resp.succeeded() => {
-                let revision = revision_of(&resp)?;
-                self.entries.created(key, revision, Some(request.mode));
-                return Ok(Queued::Granted(Grant {
-                    mode: request.mode,
-                    token: revision as u64,
-                }));
-            }
+            Ok(resp) if resp.succeeded() => return self.queued_granted(key, request.mode, &resp),
             Ok(resp) => {
                 let revision = revision_of(&resp)?;
                 if let Some(TxnOpResponse::Get(range)) = resp.op_responses().into_iter().next() {
@@ -270,12 +263,7 @@ impl Inner {
                     .and_then([put(Value::fresh_grant(request.mode), &lease)]);
                 match self.txn("queue a granted entry", txn).await {
                     Ok(resp) if resp.succeeded() => {
-                        let revision = revision_of(&resp)?;
-                        self.entries.created(key, revision, Some(request.mode));
-                        return Ok(Queued::Granted(Grant {
-                            mode: request.mode,
-                            token: revision as u64,
-                        }));
+                        return self.queued_granted(key, request.mode, &resp)
                     }
                     // The queue changed under us. A blocking request just queues (its `wait` will
                     // grant it); `try_acquire` looks again.
@@ -326,6 +314,17 @@ impl Inner {
                 key.name
             ),
         ))
+    }
+
+    /// The answer to a transaction that put `key`'s entry granted in `mode`: its revision is the
+    /// fencing token.
+    fn queued_granted(&self, key: &EntryKey, mode: LockMode, resp: &TxnResponse) -> Result<Queued> {
+        let revision = revision_of(resp)?;
+        self.entries.created(key, revision, Some(mode));
+        Ok(Queued::Granted(Grant {
+            mode,
+            token: revision as u64,
+        }))
     }
 
     /// The lease expired between its renewal and the write that attaches an entry to it: a rare race,
