@@ -12,7 +12,7 @@ use tracing::Instrument;
 use crate::driver::{Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, OwnerId, Queued};
 use crate::guard::Guard;
 use crate::keeper::Keeper;
-use crate::lease::{drift_margin, release_in_background, Lease, Stamp};
+use crate::lease::{drift_margin, DequeueOnDrop, Lease, Stamp};
 use crate::metrics as m;
 use crate::{Error, LockMode, LockName, Result};
 
@@ -230,42 +230,6 @@ impl IntoFuture for LockRequest {
     }
 }
 
-/// An enqueue request in flight, polled where the acquire runs.
-type EnqueueFuture = Pin<Box<dyn Future<Output = Result<Queued>> + Send>>;
-
-/// Removes a queued entry (in the background) when the acquire that made it does not end with a
-/// guard: dropped, timed out or failed. The lease TTL is the backstop.
-///
-/// An enqueue still in flight is finished first: a release sent at once could overtake it on a store
-/// reached over several connections, find nothing, and leave the entry behind. So the acquire polls
-/// the enqueue in place (no task of its own on the way to a grant), and only a dropped acquire hands
-/// it to a task.
-struct DequeueOnDrop {
-    driver: Arc<dyn Driver>,
-    key: EntryKey,
-    ttl: Duration,
-    enqueue: Option<EnqueueFuture>,
-    armed: bool,
-}
-
-impl Drop for DequeueOnDrop {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (driver, key, ttl) = (Arc::clone(&self.driver), self.key.clone(), self.ttl);
-        match (self.enqueue.take(), tokio::runtime::Handle::try_current()) {
-            (Some(enqueue), Ok(handle)) => {
-                handle.spawn(async move {
-                    let _ = enqueue.await;
-                    release_in_background(driver, key, ttl);
-                });
-            }
-            _ => release_in_background(driver, key, ttl),
-        }
-    }
-}
-
 /// Records the acquire outcome; an acquire dropped before it finished counts as `cancelled`.
 struct Outcome {
     driver: &'static str,
@@ -335,13 +299,6 @@ async fn enqueue_and_wait(
         ttl: options.ttl,
         wait,
     };
-    let mut dequeue = DequeueOnDrop {
-        driver: Arc::clone(&driver),
-        key: key.clone(),
-        ttl: options.ttl,
-        enqueue: None,
-        armed: true,
-    };
     let sent_stamp = Stamp::now();
     let sent = sent_stamp.at;
     let deadline = options.timeout.map(|t| started + t);
@@ -349,17 +306,8 @@ async fn enqueue_and_wait(
     // enqueue is abandoned then (or at the caller's deadline, if earlier).
     let useless_after = sent + options.ttl - drift_margin(options.ttl);
     let enqueue_deadline = deadline.map_or(useless_after, |d| d.min(useless_after));
-    let enqueue = dequeue.enqueue.insert(Box::pin({
-        let driver = Arc::clone(&driver);
-        async move { driver.enqueue(&request).await }
-    }));
-    let answered = tokio::time::timeout_at(enqueue_deadline, enqueue).await;
-    if answered.is_ok() {
-        // The enqueue has finished, so the cleanup need not (and must not: a finished future may
-        // not be polled again) wait for it; the store may still hold its entry, if only the reply
-        // was lost, so the cleanup stays armed.
-        dequeue.enqueue = None;
-    }
+    let mut dequeue = DequeueOnDrop::send(Arc::clone(&driver), request);
+    let answered = tokio::time::timeout_at(enqueue_deadline, dequeue.answer()).await;
     let queued = match answered {
         Ok(queued) => queued,
         Err(_) if deadline.is_some_and(|d| d <= useless_after) => Err(Error::Timeout {
@@ -376,7 +324,7 @@ async fn enqueue_and_wait(
     };
     if matches!(queued, Err(Error::WouldBlock { .. })) {
         // The driver left nothing queued.
-        dequeue.armed = false;
+        dequeue.disarm();
     }
     let queued = queued?;
     if !wait && queued == Queued::Waiting {
@@ -421,7 +369,7 @@ async fn enqueue_and_wait(
             name: key.name.to_string(),
         });
     }
-    dequeue.armed = false;
+    dequeue.disarm();
     Ok(Guard::new(lease, kept, grant.mode, grant.token))
 }
 

@@ -1,6 +1,8 @@
 //! A held lock's lease: its state, its local validity deadline on both clocks, and how a renewal
 //! confirmed by the store extends it. The client's keeper (`keeper.rs`) does the renewing.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::driver::{Driver, EntryKey, Grant};
+use crate::driver::{Driver, EntryKey, EntryRequest, Grant, Queued};
 use crate::metrics as m;
 
 /// The state of a held lock's lease.
@@ -261,6 +263,84 @@ impl Lease {
         if was_live {
             metrics::counter!(m::LOST_TOTAL, "driver" => self.driver_name).increment(1);
             tracing::warn!(name = %self.key.name, owner = %self.key.owner, why, "dlock: lock lost");
+        }
+    }
+}
+
+/// An enqueue request in flight, polled where its sender runs.
+type EnqueueFuture = Pin<Box<dyn Future<Output = crate::Result<Queued>> + Send>>;
+
+/// An enqueue, and the removal of its entry (in the background) when its sender goes away without
+/// a use for it — an acquire dropped, timed out or failed, a quorum's climb cancelled — until
+/// [`DequeueOnDrop::disarm`]. The lease TTL is the backstop.
+///
+/// An enqueue still in flight is finished first: a release sent at once could overtake it on a store
+/// reached over several connections, find nothing, and leave the entry behind. So the sender polls
+/// the enqueue in place (no task of its own on the way to a grant), and only a dropped one hands it
+/// to a task.
+pub(crate) struct DequeueOnDrop {
+    driver: Arc<dyn Driver>,
+    key: EntryKey,
+    ttl: Duration,
+    enqueue: Option<EnqueueFuture>,
+    armed: bool,
+}
+
+impl DequeueOnDrop {
+    /// Prepares `request` on `driver`; it is sent when [`DequeueOnDrop::answer`] is first polled.
+    pub(crate) fn send(driver: Arc<dyn Driver>, request: EntryRequest) -> Self {
+        let (key, ttl) = (request.key.clone(), request.ttl);
+        let enqueue: EnqueueFuture = Box::pin({
+            let driver = Arc::clone(&driver);
+            async move { driver.enqueue(&request).await }
+        });
+        DequeueOnDrop {
+            driver,
+            key,
+            ttl,
+            enqueue: Some(enqueue),
+            armed: true,
+        }
+    }
+
+    /// The store's answer. Bound it with a timeout: if it is dropped before the answer, the enqueue
+    /// stays in flight, and the cleanup waits for it. The store may hold the entry even after an
+    /// answer (only the reply may have been lost), so the cleanup stays armed.
+    pub(crate) async fn answer(&mut self) -> crate::Result<Queued> {
+        let Some(enqueue) = self.enqueue.as_mut() else {
+            return Err(crate::Error::backend_msg(
+                self.driver.capabilities().driver,
+                format!(
+                    "the enqueue for lock {:?} was answered already",
+                    self.key.name
+                ),
+            ));
+        };
+        let answer = enqueue.await;
+        self.enqueue = None;
+        answer
+    }
+
+    /// The entry is in use (or the store left none): nothing to remove.
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for DequeueOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (driver, key, ttl) = (Arc::clone(&self.driver), self.key.clone(), self.ttl);
+        match (self.enqueue.take(), tokio::runtime::Handle::try_current()) {
+            (Some(enqueue), Ok(handle)) => {
+                handle.spawn(async move {
+                    let _ = enqueue.await;
+                    release_in_background(driver, key, ttl);
+                });
+            }
+            _ => release_in_background(driver, key, ttl),
         }
     }
 }

@@ -77,8 +77,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -91,6 +89,7 @@ use tokio::time::Instant;
 use crate::driver::{
     Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued,
 };
+use crate::lease::DequeueOnDrop;
 use crate::{Error, LockMode, LockName, Result};
 
 const DRIVER: &str = "quorum";
@@ -408,31 +407,6 @@ impl Inner {
 
 /// Retries the release of `key` on one member in the background, for up to one TTL (after which the
 /// member's lease has dropped the entry anyway).
-/// A member's enqueue in flight while a request climbs. If the climb is dropped (its acquire was
-/// cancelled) before the member answered, the quorum's release cannot know the member has the entry:
-/// the rest of the enqueue then runs in the background, and what it queued is given back.
-struct ClimbStep {
-    member: Arc<dyn Driver>,
-    key: EntryKey,
-    ttl: Duration,
-    enqueue: Option<Pin<Box<dyn Future<Output = Result<Queued>> + Send>>>,
-}
-
-impl Drop for ClimbStep {
-    fn drop(&mut self) {
-        let Some(enqueue) = self.enqueue.take() else {
-            return;
-        };
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let (member, key, ttl) = (Arc::clone(&self.member), self.key.clone(), self.ttl);
-            handle.spawn(async move {
-                let _ = enqueue.await;
-                release_later(member, key, ttl);
-            });
-        }
-    }
-}
-
 fn release_later(driver: Arc<dyn Driver>, key: EntryKey, ttl: Duration) {
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(async move {
@@ -544,18 +518,11 @@ impl Quorum {
                 (state.cursor, request)
             };
             let member = &inner.members[next].driver;
-            let mut step = ClimbStep {
-                member: Arc::clone(member),
-                key: request.key.clone(),
-                ttl: request.ttl,
-                enqueue: None,
-            };
-            let enqueue = step.enqueue.insert(Box::pin({
-                let (member, request) = (Arc::clone(member), request.clone());
-                async move { member.enqueue(&request).await }
-            }));
-            let answered = inner.call(request.ttl, enqueue).await;
-            step.enqueue = None;
+            // A cancelled climb must not leave what the member queued behind: the quorum's
+            // release only knows the members that answered.
+            let mut step = DequeueOnDrop::send(Arc::clone(member), request.clone());
+            let answered = inner.call(request.ttl, step.answer()).await;
+            step.disarm();
             let queued = match answered {
                 Ok(queued) => queued,
                 Err(err) => {

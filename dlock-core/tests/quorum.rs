@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock_core::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName,
-    Locks, MemoryDriver, Queued, Quorum, Result,
+    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, Guard, LockMode,
+    LockName, Locks, MemoryDriver, Queued, Quorum, Result,
 };
 use rand::Rng;
 use tokio::time::{timeout, Instant};
@@ -113,6 +113,15 @@ fn name(s: &str) -> LockName {
     LockName::new(s).unwrap()
 }
 
+/// `EX` on "x" taken directly on members 1 and 2, by a client of each store: no majority is free.
+async fn held_directly_on_two(stores: &[MemoryDriver]) -> Vec<Guard> {
+    let mut held = Vec::new();
+    for store in &stores[1..3] {
+        held.push(Locks::new(store.clone()).lock("x").await.unwrap());
+    }
+    held
+}
+
 /// Waits (bounded) until every member grants the name's one entry: a quorum grant returns once a
 /// majority granted, while the last member's answer is still on its way.
 async fn settled_on_every_member(stores: &[MemoryDriver], lock: &str) {
@@ -145,11 +154,7 @@ async fn a_grant_needs_a_majority_and_a_minority_grant_is_given_back() {
     let members: Vec<Member> = stores.iter().map(Member::new).collect();
     let locks = quorum_of(&members);
     // Someone else holds the name directly on two members: no majority is free.
-    let direct = [Locks::new(stores[1].clone()), Locks::new(stores[2].clone())];
-    let held = [
-        direct[0].lock("x").await.unwrap(),
-        direct[1].lock("x").await.unwrap(),
-    ];
+    let held = held_directly_on_two(&stores).await;
     let err = locks.lock("x").try_acquire().await.unwrap_err();
     assert!(err.is_would_block(), "{err}");
     assert!(
@@ -418,11 +423,7 @@ async fn an_acquire_cancelled_while_a_member_queues_it_leaves_nothing_there() {
     let members: Vec<Member> = stores.iter().map(Member::new).collect();
     let locks = quorum_of(&members);
     // Two members are held directly, so the request climbs: member 0 grants it, member 1 queues it.
-    let direct = [Locks::new(stores[1].clone()), Locks::new(stores[2].clone())];
-    let held = [
-        direct[0].lock("x").await.unwrap(),
-        direct[1].lock("x").await.unwrap(),
-    ];
+    let held = held_directly_on_two(&stores).await;
     members[1].slow_queueing.store(true, Ordering::SeqCst);
     let acquire = tokio::spawn(locks.lock("x").into_future());
     for _ in 0..10_000 {
