@@ -250,11 +250,21 @@ pub async fn release_twice_is_harmless<F: Factory>(f: &F) -> Result<()> {
     a.driver().release(&key).await?;
     let next = b.lock("twice").ttl(LONG_TTL).try_acquire().await?;
     a.driver().release(&key).await?;
-    let entries = queue(&a, "twice").await?;
-    ensure!(
-        entries.len() == 1 && entries[0].granted && entries[0].owner == next.entry_key().owner,
-        "a repeated release touched the next holder: {entries:?}"
-    );
+    // A quorum confirms a release once a majority did; a slower member's copy goes a moment later.
+    let next_owner = next.entry_key().owner.clone();
+    queue_until(
+        &a,
+        "twice",
+        "only the next holder is left, still granted",
+        |q| q.len() == 1 && q[0].granted && q[0].owner == next_owner,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "a repeated release of {} touched the next holder",
+            key.owner
+        )
+    })?;
     next.release().await?;
     Ok(())
 }
