@@ -922,6 +922,14 @@ async fn waiters_survive_a_lost_subscriber_connection() -> Result<()> {
             Ok(queue_len(&driver, &lock).await? == 2)
         })
         .await?;
+        // The waiter is queued before it subscribes (and, after a kill, before the subscriber
+        // connection is back): kill it only once it carries the waiter's subscription.
+        let channel = driver.channel(&name(&lock));
+        eventually("the waiter is subscribed", || async {
+            let numsub = server.command(&["PUBSUB", "NUMSUB", &channel]).await?;
+            Ok(matches!(numsub, RespValue::Array(Some(ref v)) if v.get(1) == Some(&RespValue::Integer(1))))
+        })
+        .await?;
         // Drop the subscriber connection server-side; whatever is published until it is back is lost.
         let killed = server
             .command(&["CLIENT", "KILL", "TYPE", "pubsub"])
