@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName,
-    Locks, Queued, Renewal, Result,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode,
+    LockName, Locks, Queued, Renewal, Result,
 };
 use dlock_etcd::EtcdDriver;
 use dlock_jetstream::JetStreamDriver;
@@ -173,7 +173,7 @@ impl Driver for Tracking {
         self.driver.capabilities()
     }
 
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         *self.entries().entry(request.key.clone()).or_insert(0) += 1;
         let in_flight = InFlight {
             tracking: self,
@@ -199,10 +199,6 @@ impl Driver for Tracking {
     async fn renew_many(&self, renewals: &[Renewal<'_>]) -> Vec<Result<Instant>> {
         self.driver.renew_many(renewals).await
     }
-    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
-        self.driver.lease_sent(key)
-    }
-
     async fn release(&self, key: &EntryKey) -> Result<()> {
         let result = self.driver.release(key).await;
         if result.is_ok() {

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::driver::{Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, OwnerId, Queued};
+use crate::driver::{
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, OwnerId, Queued,
+};
 use crate::guard::Guard;
 use crate::keeper::Keeper;
 use crate::lease::{drift_margin, DequeueOnDrop, Lease, Stamp};
@@ -326,7 +328,7 @@ async fn enqueue_and_wait(
         // The driver left nothing queued.
         dequeue.disarm();
     }
-    let queued = queued?;
+    let Enqueued { queued, kept_from } = queued?;
     if !wait && queued == Queued::Waiting {
         // A driver must not queue a try_acquire; clean up rather than wait without end.
         return Err(Error::WouldBlock {
@@ -334,8 +336,8 @@ async fn enqueue_and_wait(
         });
     }
     // A store whose entries share a lease keeps this one from that lease's last renewal on.
-    let valid_from = match driver.lease_sent(&key) {
-        Some(lease_sent) if lease_sent < sent => Stamp::now().back_to(lease_sent),
+    let valid_from = match kept_from {
+        Some(kept_from) if kept_from < sent => Stamp::now().back_to(kept_from),
         _ => sent_stamp,
     };
     let lease = Lease::new(

@@ -79,6 +79,31 @@ pub enum Queued {
     Waiting,
 }
 
+/// The answer to [`Driver::enqueue`]: where the entry stands, and since when the store keeps it.
+///
+/// A driver whose store keeps the entry its TTL from when the enqueue arrived answers with
+/// `Queued::into()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enqueued {
+    /// Granted at once, or waiting.
+    pub queued: Queued,
+    /// For a store whose entries live on a lease renewed apart from them (etcd's lease per client):
+    /// the send time of the last confirmed renewal of the lease the entry went on, from which the
+    /// store keeps the entry at least its TTL. The lock's validity counts from the earlier of this
+    /// and the enqueue's send time, so the enqueue need not renew the lease when it was renewed
+    /// recently. `None`: the store keeps the entry its TTL from when it received the enqueue.
+    pub kept_from: Option<Instant>,
+}
+
+impl From<Queued> for Enqueued {
+    fn from(queued: Queued) -> Self {
+        Enqueued {
+            queued,
+            kept_from: None,
+        }
+    }
+}
+
 /// A granted mode and its fencing token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
@@ -188,7 +213,7 @@ pub trait Driver: Send + Sync + 'static {
     ///
     /// With `request.wait == false` and no immediate grant, returns
     /// [`Error::WouldBlock`](crate::Error::WouldBlock) and leaves nothing queued.
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued>;
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued>;
 
     /// Resolves once the entry is granted, or once its pending conversion is granted. Returns
     /// [`Error::Lost`](crate::Error::Lost) when the entry is gone (expired or released).
@@ -207,20 +232,6 @@ pub trait Driver: Send + Sync + 'static {
     /// renewal at once and waits for all of them.
     async fn renew_many(&self, renewals: &[Renewal<'_>]) -> Vec<Result<Instant>> {
         futures::future::join_all(renewals.iter().map(|r| self.renew(r.key, r.ttl))).await
-    }
-
-    /// For a store whose entries live on a lease renewed apart from them (etcd's lease per client):
-    /// the send time of the last confirmed renewal of the lease that `key`'s entry is on, from which
-    /// the store keeps the entry at least its TTL. Core asks right after [`Driver::enqueue`]
-    /// answered and counts the new lock's validity from the earlier of this instant and the
-    /// enqueue's send time, so the enqueue need not renew the lease itself when it was renewed
-    /// recently.
-    ///
-    /// `None` (the default): the store keeps the entry for its TTL from when it received the request
-    /// that created it. Wrappers forward it.
-    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
-        let _ = key;
-        None
     }
 
     /// Removes the entry, granted or waiting. Removing an entry that is already gone succeeds.
@@ -257,7 +268,7 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
     fn capabilities(&self) -> Capabilities {
         (**self).capabilities()
     }
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         (**self).enqueue(request).await
     }
     async fn wait(&self, key: &EntryKey) -> Result<Grant> {
@@ -268,9 +279,6 @@ impl<D: Driver + ?Sized> Driver for Arc<D> {
     }
     async fn renew_many(&self, renewals: &[Renewal<'_>]) -> Vec<Result<Instant>> {
         (**self).renew_many(renewals).await
-    }
-    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
-        (**self).lease_sent(key)
     }
     async fn release(&self, key: &EntryKey) -> Result<()> {
         (**self).release(key).await

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::driver::{Driver, EntryKey, EntryRequest, Grant, Queued};
+use crate::driver::{Driver, Enqueued, EntryKey, EntryRequest, Grant};
 use crate::metrics as m;
 
 /// The state of a held lock's lease.
@@ -268,7 +268,7 @@ impl Lease {
 }
 
 /// An enqueue request in flight, polled where its sender runs.
-type EnqueueFuture = Pin<Box<dyn Future<Output = crate::Result<Queued>> + Send>>;
+type EnqueueFuture = Pin<Box<dyn Future<Output = crate::Result<Enqueued>> + Send>>;
 
 /// An enqueue, and the removal of its entry (in the background) when its sender goes away without
 /// a use for it — an acquire dropped, timed out or failed, a quorum's climb cancelled — until
@@ -306,7 +306,7 @@ impl DequeueOnDrop {
     /// The store's answer. Bound it with a timeout: if it is dropped before the answer, the enqueue
     /// stays in flight, and the cleanup waits for it. The store may hold the entry even after an
     /// answer (only the reply may have been lost), so the cleanup stays armed.
-    pub(crate) async fn answer(&mut self) -> crate::Result<Queued> {
+    pub(crate) async fn answer(&mut self) -> crate::Result<Enqueued> {
         let Some(enqueue) = self.enqueue.as_mut() else {
             return Err(crate::Error::backend_msg(
                 self.driver.capabilities().driver,

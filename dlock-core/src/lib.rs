@@ -39,7 +39,8 @@ pub mod url;
 
 pub use client::{Guards, LockAllRequest, LockRequest, LockSpec, Locks, DEFAULT_TTL};
 pub use driver::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued, Renewal,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued,
+    Renewal,
 };
 pub use error::{Error, Result};
 pub use guard::Guard;

@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::driver::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued,
 };
 use crate::grant::{self, Decision, QueueEntry};
 use crate::{Error, LockMode, LockName, Result};
@@ -152,14 +152,16 @@ impl Driver for MemoryDriver {
         caps
     }
 
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         let now = Instant::now();
         let mut state = self.lock_state();
         let name = &request.key.name;
         state.settle(name, now);
         if let Some(existing) = state.find(&request.key) {
             // A retried enqueue must not queue a second entry for the same owner.
-            return Ok(granted(existing).map_or(Queued::Waiting, Queued::Granted));
+            return Ok(granted(existing)
+                .map_or(Queued::Waiting, Queued::Granted)
+                .into());
         }
         state.next_seq += 1;
         let seq = state.next_seq;
@@ -182,7 +184,9 @@ impl Driver for MemoryDriver {
         }
         state.settle(name, now);
         let entry = state.find(&request.key).expect("entry was just queued");
-        Ok(granted(entry).map_or(Queued::Waiting, Queued::Granted))
+        Ok(granted(entry)
+            .map_or(Queued::Waiting, Queued::Granted)
+            .into())
     }
 
     async fn wait(&self, key: &EntryKey) -> Result<Grant> {

@@ -87,7 +87,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::driver::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Grant, OwnerId, Queued,
 };
 use crate::lease::DequeueOnDrop;
 use crate::{Error, LockMode, LockName, Result};
@@ -524,7 +524,7 @@ impl Quorum {
             let answered = inner.call(request.ttl, step.answer()).await;
             step.disarm();
             let queued = match answered {
-                Ok(queued) => queued,
+                Ok(enqueued) => enqueued.queued,
                 Err(err) => {
                     inner.count_error(next, "enqueue", &err);
                     lock(&entry.state).slots[next] = Slot::Unknown;
@@ -681,13 +681,14 @@ impl Driver for Quorum {
         self.inner.capabilities.clone()
     }
 
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         let inner = &*self.inner;
         let n = inner.members.len();
         if let Some(existing) = inner.tracked(&request.key) {
-            // A retried enqueue: answer from what the quorum already knows.
+            // A retried enqueue: answer from what the quorum already knows. The keeper's renewals
+            // already count from the members' own answers.
             let state = lock(&existing.state);
-            return Ok(state.grant.map_or(Queued::Waiting, Queued::Granted));
+            return Ok(state.grant.map_or(Queued::Waiting, Queued::Granted).into());
         }
         let entry = Arc::new(Tracked {
             state: Mutex::new(State {
@@ -714,13 +715,23 @@ impl Driver for Quorum {
             .collect();
         let mut unreachable = 0;
         let mut granted = 0;
+        // The earliest instant from which a holding member keeps the entry, where a member keeps
+        // it from before its enqueue (see [`Enqueued::kept_from`]).
+        let mut kept_from: Option<Instant> = None;
         while granted < inner.majority {
             let Some((i, answer)) = calls.next().await else {
                 break;
             };
+            if let Ok(Enqueued {
+                queued: Queued::Granted(_),
+                kept_from: Some(member_kept_from),
+            }) = answer
+            {
+                kept_from = Some(kept_from.map_or(member_kept_from, |k| k.min(member_kept_from)));
+            }
             {
                 let mut state = lock(&entry.state);
-                state.slots[i] = match answer {
+                state.slots[i] = match answer.map(|enqueued| enqueued.queued) {
                     Ok(Queued::Granted(grant)) => Slot::Held(grant.mode),
                     // A driver must not queue a try; treat it as queued so it is released.
                     Ok(Queued::Waiting) => Slot::Queued,
@@ -747,7 +758,7 @@ impl Driver for Quorum {
             tokio::spawn(async move {
                 while let Some((i, answer)) = calls.next().await {
                     let ttl = lock(&entry.state).request.ttl;
-                    let joined = match answer {
+                    let joined = match answer.map(|enqueued| enqueued.queued) {
                         Ok(Queued::Granted(grant)) => {
                             // Under the entries lock, so a release either sees this slot or has
                             // already removed the entry (and the grant is given back below).
@@ -769,7 +780,11 @@ impl Driver for Quorum {
         }
         let held = Self::held_members(&lock(&entry.state));
         if held.len() >= inner.majority {
-            return self.finish_grant(&entry, held).await.map(Queued::Granted);
+            let grant = self.finish_grant(&entry, held).await?;
+            return Ok(Enqueued {
+                queued: Queued::Granted(grant),
+                kept_from,
+            });
         }
         // Step back: hold nothing on a minority while waiting (see the module docs).
         let present = present_members(&entry.state);
@@ -792,7 +807,7 @@ impl Driver for Quorum {
                 name: request.key.name.to_string(),
             });
         }
-        Ok(Queued::Waiting)
+        Ok(Queued::Waiting.into())
     }
 
     async fn wait(&self, key: &EntryKey) -> Result<Grant> {
@@ -808,16 +823,6 @@ impl Driver for Quorum {
             (Some(grant), None) => Ok(grant),
             (None, _) => self.climb(&entry).await,
         }
-    }
-
-    /// The earliest any member gives: a member whose entries share a lease may keep this entry
-    /// from before the quorum's enqueue was sent.
-    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
-        self.inner
-            .members
-            .iter()
-            .filter_map(|member| member.driver.lease_sent(key))
-            .min()
     }
 
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock_core::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LeaseState, LockMode,
-    LockName, Locks, MemoryDriver, Queued, Renewal, Result,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Error, Grant, LeaseState,
+    LockMode, LockName, Locks, MemoryDriver, Queued, Renewal, Result,
 };
 use tokio::time::{timeout, Instant};
 
@@ -84,7 +84,7 @@ impl Driver for Partitionable {
     fn capabilities(&self) -> Capabilities {
         self.store.capabilities()
     }
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         self.gate().await;
         let answer = self.store.enqueue(request).await;
         if take_one(&self.lost_enqueue_replies) {
@@ -170,7 +170,7 @@ async fn lease_expiry_frees_a_lock_nobody_renews() {
         })
         .await
         .unwrap();
-    assert!(matches!(queued, Queued::Granted(_)));
+    assert!(matches!(queued.queued, Queued::Granted(_)));
     let locks = Locks::new(store);
     let start = Instant::now();
     assert!(locks
@@ -944,7 +944,7 @@ impl Driver for CountingRenewals {
     fn capabilities(&self) -> Capabilities {
         self.store.capabilities()
     }
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         self.store.enqueue(request).await
     }
     async fn wait(&self, key: &EntryKey) -> Result<Grant> {

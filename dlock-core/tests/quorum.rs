@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock_core::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, Guard, LockMode,
-    LockName, Locks, MemoryDriver, Queued, Quorum, Result,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Error, Grant, Guard,
+    LockMode, LockName, Locks, MemoryDriver, Queued, Quorum, Result,
 };
 use rand::Rng;
 use tokio::time::{timeout, Instant};
@@ -61,15 +61,19 @@ impl Driver for Member {
     fn capabilities(&self) -> Capabilities {
         self.store.capabilities()
     }
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         self.gate().await;
         let answer = self.store.enqueue(request).await;
         if request.wait && self.slow_queueing.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        Ok(match answer? {
-            Queued::Granted(g) => Queued::Granted(self.offset(g)),
-            Queued::Waiting => Queued::Waiting,
+        let answer = answer?;
+        Ok(Enqueued {
+            queued: match answer.queued {
+                Queued::Granted(g) => Queued::Granted(self.offset(g)),
+                Queued::Waiting => Queued::Waiting,
+            },
+            ..answer
         })
     }
     async fn wait(&self, key: &EntryKey) -> Result<Grant> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use dlock_core::grant::{self, Decision, QueueEntry};
 use dlock_core::{
-    EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName, Queued, Result,
+    Enqueued, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName, Queued, Result,
 };
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
@@ -67,6 +67,15 @@ fn granted(queued: Queued) -> Option<LockMode> {
     match queued {
         Queued::Granted(grant) => Some(grant.mode),
         Queued::Waiting => None,
+    }
+}
+
+/// An answer for an entry on `lease`: the store keeps it from the lease's last confirmed keepalive,
+/// which may be earlier than the enqueue (no keepalive is sent when one went out recently).
+fn kept_on(lease: &Lease, queued: Queued) -> Enqueued {
+    Enqueued {
+        queued,
+        kept_from: Some(lease.confirmed()),
     }
 }
 
@@ -192,11 +201,11 @@ impl Inner {
         .with_prefix()
     }
 
-    pub async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    pub async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         let started = Instant::now();
         let key = &request.key;
         // The client's lease needs no keepalive of its own here when one was confirmed recently:
-        // core counts the entry's validity from that keepalive ([`Inner::lease_sent`]).
+        // the answer says the entry is kept from that keepalive on ([`Enqueued::kept_from`]).
         let recent = started.checked_sub(request.ttl / 6).unwrap_or(started);
         let mut lease = self
             .leases
@@ -219,7 +228,9 @@ impl Inner {
             .or_else([TxnOp::get(prefix, Some(GetOptions::new().with_prefix()))]);
         let mut first_view = None;
         match self.txn("queue on a free name", free).await {
-            Ok(resp) if resp.succeeded() => return self.queued_granted(key, request.mode, &resp),
+            Ok(resp) if resp.succeeded() => {
+                return self.queued_granted(key, request.mode, &resp, &lease)
+            }
             Ok(resp) => {
                 let revision = revision_of(&resp)?;
                 if let Some(TxnOpResponse::Get(range)) = resp.op_responses().into_iter().next() {
@@ -244,7 +255,7 @@ impl Inner {
                 let queued = queued(&view.entries[i]);
                 self.entries
                     .created(key, view.entries[i].create_revision, granted(queued));
-                return Ok(queued);
+                return Ok(kept_on(&lease, queued));
             }
             let mut queue = view.queue();
             queue.push(QueueEntry::waiting(u64::MAX, request.mode));
@@ -263,7 +274,7 @@ impl Inner {
                     .and_then([put(Value::fresh_grant(request.mode), &lease)]);
                 match self.txn("queue a granted entry", txn).await {
                     Ok(resp) if resp.succeeded() => {
-                        return self.queued_granted(key, request.mode, &resp)
+                        return self.queued_granted(key, request.mode, &resp, &lease)
                     }
                     // The queue changed under us. A blocking request just queues (its `wait` will
                     // grant it); `try_acquire` looks again.
@@ -291,7 +302,7 @@ impl Inner {
                 match self.txn("queue a waiting entry", txn).await {
                     Ok(resp) if resp.succeeded() => {
                         self.entries.created(key, revision_of(&resp)?, None);
-                        return Ok(Queued::Waiting);
+                        return Ok(kept_on(&lease, Queued::Waiting));
                     }
                     // The entry exists already (an earlier attempt landed): the next read finds it.
                     Ok(_) => {}
@@ -316,15 +327,24 @@ impl Inner {
         ))
     }
 
-    /// The answer to a transaction that put `key`'s entry granted in `mode`: its revision is the
-    /// fencing token.
-    fn queued_granted(&self, key: &EntryKey, mode: LockMode, resp: &TxnResponse) -> Result<Queued> {
+    /// The answer to a transaction that put `key`'s entry granted in `mode` on `lease`: its revision
+    /// is the fencing token.
+    fn queued_granted(
+        &self,
+        key: &EntryKey,
+        mode: LockMode,
+        resp: &TxnResponse,
+        lease: &Lease,
+    ) -> Result<Enqueued> {
         let revision = revision_of(resp)?;
         self.entries.created(key, revision, Some(mode));
-        Ok(Queued::Granted(Grant {
-            mode,
-            token: revision as u64,
-        }))
+        Ok(kept_on(
+            lease,
+            Queued::Granted(Grant {
+                mode,
+                token: revision as u64,
+            }),
+        ))
     }
 
     /// The lease expired between its renewal and the write that attaches an entry to it: a rare race,
@@ -514,11 +534,6 @@ impl Inner {
                 }
             }
         }
-    }
-
-    /// When the last confirmed keepalive of the lease `key`'s entry is on was sent.
-    pub fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
-        self.entries.live_lease(key).map(|lease| lease.confirmed())
     }
 
     pub async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {

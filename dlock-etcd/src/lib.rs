@@ -238,8 +238,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock_core::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName,
-    Queued, Result,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode,
+    LockName, Queued, Result,
 };
 use tokio::time::Instant;
 
@@ -518,7 +518,7 @@ impl Driver for EtcdDriver {
         caps
     }
 
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         self.inner.enqueue(request).await
     }
 
@@ -528,10 +528,6 @@ impl Driver for EtcdDriver {
 
     async fn renew(&self, key: &EntryKey, ttl: Duration) -> Result<Instant> {
         self.inner.renew(key, ttl).await
-    }
-
-    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
-        self.inner.lease_sent(key)
     }
 
     async fn release(&self, key: &EntryKey) -> Result<()> {

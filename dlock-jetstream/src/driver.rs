@@ -16,8 +16,8 @@ use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use async_trait::async_trait;
 use dlock_core::grant::{self, Decision, QueueEntry};
 use dlock_core::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName,
-    OwnerId, Queued, Result,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode,
+    LockName, OwnerId, Queued, Result,
 };
 use tokio::time::Instant;
 
@@ -1335,7 +1335,7 @@ impl Driver for JetStreamDriver {
         self.inner.capabilities.clone()
     }
 
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         let inner = &*self.inner;
         let key = &request.key;
         let subjects = inner.subjects(&key.name);
@@ -1376,7 +1376,10 @@ impl Driver for JetStreamDriver {
             )
             .await;
         match settled {
-            Ok(s) => s.answer(&key.owner).ok_or_else(|| lost(&key.name)),
+            Ok(s) => s
+                .answer(&key.owner)
+                .map(Enqueued::from)
+                .ok_or_else(|| lost(&key.name)),
             Err(err) => {
                 if err.is_would_block() {
                     inner.cache(key, None);

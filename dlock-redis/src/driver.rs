@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock_core::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName,
-    OwnerId, Queued, Renewal, Result,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode,
+    LockName, OwnerId, Queued, Renewal, Result,
 };
 use redis::Value;
 use tokio::time::Instant;
@@ -343,7 +343,7 @@ impl Driver for RedisDriver {
         self.inner.capabilities.clone()
     }
 
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         let key = &request.key;
         let reply = self
             .call(
@@ -358,8 +358,8 @@ impl Driver for RedisDriver {
             )
             .await?;
         match parse_state(&reply)? {
-            State::Granted(grant) => Ok(Queued::Granted(grant)),
-            State::Waiting(..) => Ok(Queued::Waiting),
+            State::Granted(grant) => Ok(Queued::Granted(grant).into()),
+            State::Waiting(..) => Ok(Queued::Waiting.into()),
             State::WouldBlock => Err(Error::WouldBlock {
                 name: key.name.to_string(),
             }),

@@ -7,6 +7,7 @@
 
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
@@ -22,6 +23,7 @@ use dlock_tests::harness::{
 use dlock_tests::history::{self, Workload};
 use dlock_tests::suite::etcd::url_of;
 use dlock_tests::suite::eventually;
+use dlock_tests::suite::lost_replies::{LostReplies, ReplyFaults};
 use dlock_tests::suite::{Factory, Link, ProxyLink, StoreFaults};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -426,6 +428,53 @@ async fn an_uncontended_acquire_is_one_transaction_on_etcd_3_5() -> Result<()> {
         return Ok(());
     }
     uncontended_acquire_costs_one_transaction(EtcdVersion::V3_5).await
+}
+
+/// A lock whose acquire sent no keepalive (one went out recently) is valid from that keepalive on,
+/// not from the acquire: the store drops the entry with the lease. Through a wrapper, which is how
+/// the history suite's clients (and a user's instrumented driver) reach the store: wrappers once
+/// had to forward this instant by hand, and the suite's did not (an EX was granted while a PR
+/// holder still counted itself valid, on the 3-member cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_is_valid_no_longer_than_the_lease_it_shares_even_through_a_wrapper() -> Result<()> {
+    if !harness::require(Backend::Etcd) {
+        return Ok(());
+    }
+    let server = EtcdServer::start(EtcdVersion::V3_5).await?;
+    let driver = EtcdDriver::connect(&url_of(server.as_cluster())).await?;
+    let locks = Locks::from_arc(Arc::new(LostReplies::new(
+        driver.clone(),
+        ReplyFaults::new(),
+    )));
+    // The acquire skips the keepalive within a sixth of the TTL of the last one, and the keeper
+    // renews a third of the TTL on: the second acquire below lands between the two.
+    let ttl = Duration::from_secs(6);
+    let member = server.member();
+    for attempt in 0..3 {
+        let first = locks.lock(format!("kept/{attempt}/a")).ttl(ttl).await?;
+        // The lease was granted or last renewed by now.
+        let lease_renewed_by = Instant::now();
+        let renewals = counter(member, "etcd_debugging_lease_renewed_total").await?;
+        // Time passing is what this test is about: the lease ages while no keepalive is due.
+        tokio::time::sleep(ttl / 20).await;
+        let second = locks.lock(format!("kept/{attempt}/b")).ttl(ttl).await?;
+        if counter(member, "etcd_debugging_lease_renewed_total").await? != renewals {
+            // The machine stalled past the keepalive window: the lease was renewed, try again.
+            continue;
+        }
+        let valid_until = second.status().valid_until;
+        ensure!(
+            valid_until <= lease_renewed_by + ttl,
+            "the second lock counts itself valid {:?} past the end of the lease it shares",
+            valid_until - (lease_renewed_by + ttl)
+        );
+        first.release().await?;
+        second.release().await?;
+        return Ok(());
+    }
+    Err(anyhow!(
+        "every attempt saw a keepalive between the two acquires"
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

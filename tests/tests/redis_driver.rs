@@ -379,8 +379,8 @@ async fn fencing_tokens_increase(
 async fn conversions(driver: &RedisDriver, locks: &Locks) -> Result<()> {
     let lock = "smoke/convert";
     let (a, b) = (key(lock, "conv-a"), key(lock, "conv-b"));
-    let ga = granted(driver.enqueue(&request(&a, PR, LONG_TTL)).await?)?;
-    granted(driver.enqueue(&request(&b, PR, LONG_TTL)).await?)?;
+    let ga = granted(driver.enqueue(&request(&a, PR, LONG_TTL)).await?.queued)?;
+    granted(driver.enqueue(&request(&b, PR, LONG_TTL)).await?.queued)?;
 
     // Up-conversion waits for the other reader.
     ensure!(driver.convert(&a, EX).await? == Queued::Waiting);
@@ -485,7 +485,12 @@ async fn an_owner_cannot_renew_convert_or_release_another_owners_entry() -> Resu
     let driver = RedisDriver::connect(&server.url()).await?;
     let holder = key("isolated", "client1-7");
     let forged = key("isolated", "client2-7");
-    let g = granted(driver.enqueue(&request(&holder, EX, LONG_TTL)).await?)?;
+    let g = granted(
+        driver
+            .enqueue(&request(&holder, EX, LONG_TTL))
+            .await?
+            .queued,
+    )?;
 
     ensure!(driver.renew(&forged, LONG_TTL).await.unwrap_err().is_lost());
     ensure!(driver.convert(&forged, NL).await.unwrap_err().is_lost());
@@ -668,8 +673,8 @@ async fn waiter_woken_by_pubsub(topo: &Topology) -> Result<()> {
     // A pending conversion is woken the same way.
     let lock = "wake/convert";
     let (a, b) = (key(lock, "wake-a"), key(lock, "wake-b"));
-    granted(driver.enqueue(&request(&a, PR, LONG_TTL)).await?)?;
-    granted(other.enqueue(&request(&b, PR, LONG_TTL)).await?)?;
+    granted(driver.enqueue(&request(&a, PR, LONG_TTL)).await?.queued)?;
+    granted(other.enqueue(&request(&b, PR, LONG_TTL)).await?.queued)?;
     ensure!(driver.convert(&a, EX).await? == Queued::Waiting);
     let waiting = tokio::spawn({
         let (driver, a) = (driver.clone(), a.clone());
@@ -712,7 +717,8 @@ async fn waiter_behind_a_crashed_holder_is_granted_when_its_lease_lapses() -> Re
         let dead = granted(
             driver
                 .enqueue(&request(&crashed, mode, Duration::from_millis(300)))
-                .await?,
+                .await?
+                .queued,
         )?;
         // No poll within the test's lifetime and no release message: only the expiry wake-up
         // (the wait-check's "earliest blocker expiry") can grant the waiter.
@@ -764,7 +770,8 @@ async fn renew_many_answers_each_renewal(
         granted(
             driver
                 .enqueue(&request(k, EX, Duration::from_secs(2)))
-                .await?,
+                .await?
+                .queued,
         )?;
     }
     driver.release(&held[2]).await?;
@@ -802,7 +809,7 @@ async fn a_batch_of_renewals_is_one_script_on_a_single_server() -> Result<()> {
     let driver = RedisDriver::connect(&server.url()).await?;
     // Warm the script cache, so the count below is not a NOSCRIPT retry.
     let warm = key("batch/warm", "client1-99");
-    granted(driver.enqueue(&request(&warm, EX, LONG_TTL)).await?)?;
+    granted(driver.enqueue(&request(&warm, EX, LONG_TTL)).await?.queued)?;
     let pair = [
         Renewal {
             key: &warm,
@@ -1521,14 +1528,20 @@ async fn backward_clock_step_stretches_a_crashed_holders_lease_as_documented() -
     let step = Duration::from_secs(100);
     // A holder that never renews, as after kill -9.
     let crashed = key(lock, "crashed-1");
-    granted(driver.enqueue(&request(&crashed, EX, ttl)).await?)?;
+    granted(driver.enqueue(&request(&crashed, EX, ttl)).await?.queued)?;
     server.step_clock(ClockStep::Back(step)).await?;
     // By the server's clock the lease now ends a whole step later than it would have: the next
     // waiter is granted after TTL + step, not TTL + ε (Liveness A is stretched by the step).
     let left = stored_expiry(&server, &driver, &crashed).await? - server.time_micros().await?;
     ensure!(left > micros(step), "{left} µs of the lease left");
     let waiter = key(lock, "waiter-1");
-    ensure!(driver.enqueue(&request(&waiter, EX, LONG_TTL)).await? == Queued::Waiting);
+    ensure!(
+        driver
+            .enqueue(&request(&waiter, EX, LONG_TTL))
+            .await?
+            .queued
+            == Queued::Waiting
+    );
     // Stepping the clock forward again (here: back to real time) ends the stretched lease at once.
     server.step_clock(ClockStep::Forward(step)).await?;
     let g = within("waiter after the clock came back", driver.wait(&waiter)).await??;

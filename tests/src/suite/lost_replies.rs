@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode, LockName,
-    Queued, Result,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Error, Grant, LockMode,
+    LockName, Queued, Result,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -148,7 +148,7 @@ impl<D: Driver> Driver for LostReplies<D> {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         self.forward(Call::Enqueue, self.inner.enqueue(request))
             .await
     }

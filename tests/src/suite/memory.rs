@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, LockMode, LockName, Locks,
-    MemoryDriver, Queued, Result,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Grant, LockMode, LockName,
+    Locks, MemoryDriver, Queued, Result,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -95,7 +95,7 @@ impl<D: Driver> Driver for CuttableDriver<D> {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    async fn enqueue(&self, request: &EntryRequest) -> Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> Result<Enqueued> {
         self.through(self.inner.enqueue(request)).await
     }
     async fn wait(&self, key: &EntryKey) -> Result<Grant> {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use dlock::{
-    Capabilities, Driver, EntryInfo, EntryKey, EntryRequest, Grant, LockMode, LockName, Locks,
-    MemoryDriver, OwnerId, Queued, Renewal,
+    Capabilities, Driver, Enqueued, EntryInfo, EntryKey, EntryRequest, Grant, LockMode, LockName,
+    Locks, MemoryDriver, OwnerId, Queued, Renewal,
 };
 use dlock_etcd::etcd_client;
 use dlock_tests::harness::net::http_get;
@@ -71,7 +71,7 @@ impl Driver for Counting {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    async fn enqueue(&self, request: &EntryRequest) -> dlock::Result<Queued> {
+    async fn enqueue(&self, request: &EntryRequest) -> dlock::Result<Enqueued> {
         self.count();
         self.inner.enqueue(request).await
     }
@@ -88,9 +88,6 @@ impl Driver for Counting {
         self.count();
         self.renewals.fetch_add(1, Ordering::Relaxed);
         self.inner.renew_many(renewals).await
-    }
-    fn lease_sent(&self, key: &EntryKey) -> Option<Instant> {
-        self.inner.lease_sent(key)
     }
     async fn release(&self, key: &EntryKey) -> dlock::Result<()> {
         self.count();
