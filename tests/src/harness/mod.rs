@@ -56,6 +56,7 @@
 //! spawning *thread*, which is why no test thread or runtime worker spawns them directly.
 
 pub mod binaries;
+pub mod containers;
 mod dirs;
 pub mod etcd;
 pub mod nats;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use dlock::{Capabilities, Locks};
 
 use super::{Factory, Link, ProxyLink, StoreFaults};
+use crate::harness::containers::{require_launcher, Launcher};
 use crate::harness::{
     self, Backend, EtcdCluster, EtcdServer, EtcdVersion, ServerProcess, TcpProxy,
 };
@@ -51,7 +52,7 @@ pub async fn setup_cluster_3_5() -> anyhow::Result<Option<EtcdFactory>> {
 }
 
 async fn setup(version: EtcdVersion, cluster: bool) -> anyhow::Result<Option<EtcdFactory>> {
-    if !harness::require(Backend::Etcd) {
+    if !harness::require(Backend::Etcd) || !require_launcher(Launcher::Processes) {
         return Ok(None);
     }
     let topology = if cluster {

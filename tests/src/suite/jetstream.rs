@@ -6,6 +6,7 @@ use std::time::Duration;
 use dlock::{Capabilities, Locks};
 
 use super::{Factory, Link, ProxyLink, StoreFaults};
+use crate::harness::containers::{require_launcher, Launcher};
 use crate::harness::{
     self, Backend, NatsCluster, NatsServer, NatsVersion, ServerProcess, TcpProxy,
 };
@@ -42,7 +43,7 @@ pub async fn setup_cluster_2_11() -> anyhow::Result<Option<JetStreamFactory>> {
 }
 
 async fn setup(version: NatsVersion, cluster: bool) -> anyhow::Result<Option<JetStreamFactory>> {
-    if !harness::require(Backend::Nats) {
+    if !harness::require(Backend::Nats) || !require_launcher(Launcher::Processes) {
         return Ok(None);
     }
     let topology = if cluster {

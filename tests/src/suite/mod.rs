@@ -7,6 +7,7 @@
 //! capabilities disagree.
 
 pub mod cases;
+pub mod containers;
 pub mod etcd;
 pub mod jetstream;
 pub mod lost_replies;

@@ -13,6 +13,7 @@ use dlock_redis::RedisDriver;
 
 use super::memory::CuttableDriver;
 use super::{Factory, Link, ProxyLink, StoreFaults};
+use crate::harness::containers::{require_launcher, Launcher};
 use crate::harness::redis::RedisPersistence;
 use crate::harness::{self, Backend, RedisCluster, RedisServer, ServerProcess, TcpProxy};
 
@@ -29,7 +30,7 @@ pub struct RedisFactory {
 
 /// Starts a single Redis server (the `setup` of the single-server suite).
 pub async fn setup_single() -> anyhow::Result<Option<RedisFactory>> {
-    if !harness::require(Backend::Redis) {
+    if !harness::require(Backend::Redis) || !require_launcher(Launcher::Processes) {
         return Ok(None);
     }
     let server = RedisServer::builder()
@@ -41,7 +42,7 @@ pub async fn setup_single() -> anyhow::Result<Option<RedisFactory>> {
 
 /// Starts a 3-master Redis Cluster (the `setup` of the cluster suite).
 pub async fn setup_cluster() -> anyhow::Result<Option<RedisFactory>> {
-    if !harness::require(Backend::Redis) {
+    if !harness::require(Backend::Redis) || !require_launcher(Launcher::Processes) {
         return Ok(None);
     }
     let cluster = RedisServer::builder()

@@ -1,0 +1,346 @@
+//! Servers as containers, started through `testcontainers`, each on a private Docker network of
+//! its own and reached at its own address there (the host routes to the network's bridge; nothing
+//! is published on the host's ports).
+//!
+//! No registry is reachable on the test machines, so the images are local ones that
+//! `scripts/build-test-images` builds from this machine's server binaries. Each image name can be
+//! overridden by environment (`DLOCK_IMAGE_REDIS_7=redis:7`, …), so the same suite runs on the
+//! official images where they can be pulled.
+//!
+//! Which launcher runs is picked by `DLOCK_TEST_SERVERS`: `processes`, `containers`, or unset for
+//! both. A launcher left out shows as a `SKIPPED` line, as a backend opted out does.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use testcontainers::core::WaitFor;
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+use testcontainers_modules::nats::Nats;
+use testcontainers_modules::redis::Redis;
+
+/// The environment variable that picks the launchers.
+pub const LAUNCHER_ENV: &str = "DLOCK_TEST_SERVERS";
+
+/// How the harness starts servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    /// Local processes on loopback ports.
+    Processes,
+    /// Containers on private Docker networks.
+    Containers,
+}
+
+impl Launcher {
+    fn name(self) -> &'static str {
+        match self {
+            Launcher::Processes => "processes",
+            Launcher::Containers => "containers",
+        }
+    }
+}
+
+/// Whether `launcher` runs (per [`LAUNCHER_ENV`]); prints a `SKIPPED` line for the current test when
+/// it does not. An unknown value fails the test, naming the accepted ones.
+pub fn require_launcher(launcher: Launcher) -> bool {
+    let value = std::env::var(LAUNCHER_ENV).unwrap_or_default();
+    let runs = match value.trim().to_ascii_lowercase().as_str() {
+        "" | "all" | "both" => true,
+        "processes" => launcher == Launcher::Processes,
+        "containers" => launcher == Launcher::Containers,
+        _ => panic!(
+            "{LAUNCHER_ENV}={value:?}: use processes, containers, or leave it unset for both"
+        ),
+    };
+    if !runs {
+        let thread = std::thread::current();
+        let test = thread.name().unwrap_or("<unnamed test>");
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: {LAUNCHER_ENV}={value} leaves out the {} launcher",
+            launcher.name()
+        );
+    }
+    runs
+}
+
+/// A server image the suite runs as a container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerImage {
+    /// Redis 7, stand-alone.
+    Redis7,
+    /// etcd 3.4, one member.
+    Etcd3_4,
+    /// etcd 3.5, one member.
+    Etcd3_5,
+    /// NATS 2.9 with JetStream.
+    Nats2_9,
+    /// NATS 2.11 or later with JetStream (per-message TTL).
+    Nats2_11,
+}
+
+impl ServerImage {
+    /// The variable that overrides the image, and the local image `scripts/build-test-images`
+    /// builds.
+    fn env_and_default(self) -> (&'static str, &'static str) {
+        match self {
+            ServerImage::Redis7 => ("DLOCK_IMAGE_REDIS_7", "dlock-test/redis:7"),
+            ServerImage::Etcd3_4 => ("DLOCK_IMAGE_ETCD_3_4", "dlock-test/etcd:3.4"),
+            ServerImage::Etcd3_5 => ("DLOCK_IMAGE_ETCD_3_5", "dlock-test/etcd:3.5"),
+            ServerImage::Nats2_9 => ("DLOCK_IMAGE_NATS_2_9", "dlock-test/nats:2.9"),
+            ServerImage::Nats2_11 => ("DLOCK_IMAGE_NATS_2_11", "dlock-test/nats:2.11"),
+        }
+    }
+
+    /// `name:tag` of the image to run.
+    pub fn image(self) -> String {
+        let (env, default) = self.env_and_default();
+        std::env::var(env)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .unwrap_or_else(|| default.to_string())
+    }
+
+    fn client_port(self) -> u16 {
+        match self {
+            ServerImage::Redis7 => 6379,
+            ServerImage::Etcd3_4 | ServerImage::Etcd3_5 => 2379,
+            ServerImage::Nats2_9 | ServerImage::Nats2_11 => 4222,
+        }
+    }
+}
+
+/// The running container, by the image type `testcontainers` started it with.
+enum Running {
+    Redis(ContainerAsync<Redis>),
+    Nats(ContainerAsync<Nats>),
+    Etcd(ContainerAsync<GenericImage>),
+}
+
+/// One server in a container of its own, on a private network of its own. Removed (with its
+/// network) when dropped.
+pub struct ServerContainer {
+    running: Running,
+    image: String,
+    addr: SocketAddr,
+}
+
+/// Names a private network per container, unique within this test process and across processes.
+fn network_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "dlock-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Splits `name:tag` (a registry host may carry a port: the tag is after the last `:` that
+/// follows the last `/`).
+fn split_image(image: &str) -> Result<(String, String)> {
+    let slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[slash..].rfind(':') {
+        Some(i) if i + 1 < image.len() - slash => Ok((
+            image[..slash + i].to_string(),
+            image[slash + i + 1..].to_string(),
+        )),
+        _ => bail!("image {image:?} has no tag; write it as name:tag"),
+    }
+}
+
+impl ServerContainer {
+    /// Starts `server` on a new private network and waits until it serves.
+    pub async fn start(server: ServerImage) -> Result<ServerContainer> {
+        let image = server.image();
+        let (name, tag) = split_image(&image)?;
+        let network = network_name();
+        let startup = Duration::from_secs(60);
+        let hint = || {
+            format!(
+                "starting a container from {image} (build the local images with scripts/build-test-images, or set {} to an image you can pull)",
+                server.env_and_default().0
+            )
+        };
+        let running = match server {
+            ServerImage::Redis7 => Running::Redis(
+                Redis::default()
+                    .with_name(name)
+                    .with_tag(tag)
+                    .with_network(network)
+                    .with_startup_timeout(startup)
+                    // Protected mode refuses clients from other addresses when no password is
+                    // set; the official image turns it off at build time, Debian's binary does not.
+                    // Every write is on disk before its reply, so a restart loses nothing.
+                    .with_cmd([
+                        "--protected-mode",
+                        "no",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "yes",
+                        "--appendfsync",
+                        "always",
+                    ])
+                    .start()
+                    .await
+                    .with_context(hint)?,
+            ),
+            ServerImage::Nats2_9 | ServerImage::Nats2_11 => Running::Nats(
+                Nats::default()
+                    .with_name(name)
+                    .with_tag(tag)
+                    .with_network(network)
+                    .with_startup_timeout(startup)
+                    .with_cmd(["--jetstream", "--store_dir", "/nats-data"])
+                    .start()
+                    .await
+                    .with_context(hint)?,
+            ),
+            ServerImage::Etcd3_4 | ServerImage::Etcd3_5 => Running::Etcd(
+                GenericImage::new(name, tag)
+                    .with_wait_for(WaitFor::message_on_stderr("serving client traffic"))
+                    .with_network(network)
+                    .with_startup_timeout(startup)
+                    // The official image has no entrypoint: its command names the binary.
+                    .with_cmd([
+                        "/usr/local/bin/etcd",
+                        "--name",
+                        "m0",
+                        "--data-dir",
+                        "/etcd-data",
+                        "--listen-client-urls",
+                        "http://0.0.0.0:2379",
+                        "--advertise-client-urls",
+                        "http://127.0.0.1:2379",
+                        "--logger",
+                        "zap",
+                    ])
+                    .start()
+                    .await
+                    .with_context(hint)?,
+            ),
+        };
+        let ip = match &running {
+            Running::Redis(c) => c.get_bridge_ip_address().await,
+            Running::Nats(c) => c.get_bridge_ip_address().await,
+            Running::Etcd(c) => c.get_bridge_ip_address().await,
+        }
+        .with_context(|| format!("the address of the {image} container"))?;
+        let addr = SocketAddr::new(ip, server.client_port());
+        let container = ServerContainer {
+            running,
+            image,
+            addr,
+        };
+        eprintln!(
+            "launcher: containers ({} as {} at {})",
+            container.image,
+            container.id(),
+            container.addr
+        );
+        Ok(container)
+    }
+
+    /// The server's client address on its private network.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The container's IP address.
+    pub fn ip(&self) -> IpAddr {
+        self.addr.ip()
+    }
+
+    /// The image it runs.
+    pub fn image(&self) -> &str {
+        &self.image
+    }
+
+    fn id(&self) -> &str {
+        match &self.running {
+            Running::Redis(c) => c.id(),
+            Running::Nats(c) => c.id(),
+            Running::Etcd(c) => c.id(),
+        }
+    }
+
+    /// Freezes every process in the container (the cgroup freezer, as `docker pause`).
+    pub async fn pause(&self) -> Result<()> {
+        match &self.running {
+            Running::Redis(c) => c.pause().await,
+            Running::Nats(c) => c.pause().await,
+            Running::Etcd(c) => c.pause().await,
+        }
+        .with_context(|| format!("pausing {}", self.id()))
+    }
+
+    /// Thaws a paused container.
+    pub async fn resume(&self) -> Result<()> {
+        match &self.running {
+            Running::Redis(c) => c.unpause().await,
+            Running::Nats(c) => c.unpause().await,
+            Running::Etcd(c) => c.unpause().await,
+        }
+        .with_context(|| format!("resuming {}", self.id()))
+    }
+
+    /// Stops the server with no grace period (Docker's stop with a zero timeout: SIGKILL right after
+    /// the stop signal) and starts the same container again, with its data. Fails if it comes back
+    /// on another address, which its clients could not follow.
+    pub async fn crash_and_restart(&self) -> Result<()> {
+        let (stopped, started, ip) = match &self.running {
+            Running::Redis(c) => (
+                c.stop_with_timeout(Some(0)).await,
+                c.start().await,
+                c.get_bridge_ip_address().await,
+            ),
+            Running::Nats(c) => (
+                c.stop_with_timeout(Some(0)).await,
+                c.start().await,
+                c.get_bridge_ip_address().await,
+            ),
+            Running::Etcd(c) => (
+                c.stop_with_timeout(Some(0)).await,
+                c.start().await,
+                c.get_bridge_ip_address().await,
+            ),
+        };
+        stopped.with_context(|| format!("killing {}", self.id()))?;
+        started.with_context(|| format!("starting {} again", self.id()))?;
+        let ip = ip.with_context(|| format!("the address of {} after its restart", self.id()))?;
+        if ip != self.ip() {
+            bail!(
+                "{} came back on {ip}, not {}: its clients cannot follow",
+                self.id(),
+                self.ip()
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_image;
+
+    #[test]
+    fn image_names_split_at_the_tag() {
+        assert_eq!(
+            split_image("redis:7").unwrap(),
+            ("redis".into(), "7".into())
+        );
+        assert_eq!(
+            split_image("quay.io/coreos/etcd:v3.5.17").unwrap(),
+            ("quay.io/coreos/etcd".into(), "v3.5.17".into())
+        );
+        assert_eq!(
+            split_image("localhost:5000/dlock-test/nats:2.11").unwrap(),
+            ("localhost:5000/dlock-test/nats".into(), "2.11".into())
+        );
+        let err = split_image("localhost:5000/redis").unwrap_err().to_string();
+        assert!(err.contains("no tag"), "{err}");
+    }
+}
