@@ -27,8 +27,13 @@ pub struct Workload {
     pub ops_per_client: usize,
     /// Lock names the clients contend on.
     pub names: usize,
-    /// Faults injected while the clients run (link cuts, and store pauses where the store has them).
+    /// Faults injected while the clients run (link cuts, and store faults where the store has them).
     pub faults: usize,
+    /// The share of those faults done to the store ([`StoreFaults::start_fault`]) rather than to one
+    /// client's link.
+    ///
+    /// [`StoreFaults::start_fault`]: crate::suite::StoreFaults::start_fault
+    pub store_faults: f64,
     /// Seed of the random choices (printed with the report, so a failure can be replayed).
     pub seed: u64,
     /// The share of enqueue, convert, renew and release calls whose reply is lost after the store
@@ -43,6 +48,7 @@ impl Default for Workload {
             ops_per_client: 300,
             names: 3,
             faults: 40,
+            store_faults: 0.3,
             seed: rand::random(),
             lost_replies: 0.01,
         }
@@ -237,10 +243,10 @@ pub async fn run<F: Factory>(factory: &F, workload: Workload) -> Result<Report> 
             tokio::time::sleep(ttl.mul_f64(rng.random_range(0.05..0.3))).await;
             let outage = ttl.mul_f64(rng.random_range(0.2..2.0));
             match factory.faults() {
-                Some(faults) if rng.random_bool(0.3) => {
-                    faults.pause()?;
+                Some(faults) if rng.random_bool(workload.store_faults) => {
+                    faults.start_fault()?;
                     tokio::time::sleep(outage).await;
-                    faults.resume()?;
+                    faults.end_fault()?;
                 }
                 _ => {
                     let link = &links[rng.random_range(0..links.len())];

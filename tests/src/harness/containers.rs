@@ -322,6 +322,315 @@ impl ServerContainer {
     }
 }
 
+/// Runs the `docker` command line: `testcontainers` starts and stops containers but has no calls
+/// for networks with a subnet of their own or for moving a running container between networks.
+fn docker(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .context("running docker (is the Docker engine installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A private Docker network with a /24 subnet of its own, so a member that leaves it comes back on
+/// the same address. Removed when dropped (after the containers on it).
+pub struct DockerNetwork {
+    name: String,
+    /// The first three octets of the subnet.
+    prefix: [u8; 3],
+}
+
+impl DockerNetwork {
+    /// Creates a network named after `role`, on the first free subnet of 10.213.0.0/16 counting
+    /// from one this process picks.
+    pub fn create(role: &str) -> Result<DockerNetwork> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!("{}-{role}", network_name());
+        let start = std::process::id() % 200;
+        let mut last_error = None;
+        for _ in 0..256 {
+            let third = ((start + NEXT.fetch_add(1, Ordering::SeqCst)) % 256) as u8;
+            let prefix = [10, 213, third];
+            let subnet = format!("10.213.{third}.0/24");
+            match docker(&["network", "create", "--subnet", &subnet, &name]) {
+                Ok(_) => return Ok(DockerNetwork { name, prefix }),
+                // Another network (of this run or another) holds the subnet: try the next one.
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("tried at least once"))
+            .with_context(|| format!("no free subnet in 10.213.0.0/16 for network {name}"))
+    }
+
+    /// The network's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address `.host` of the subnet.
+    pub fn ip(&self, host: u8) -> IpAddr {
+        let [a, b, c] = self.prefix;
+        IpAddr::from([a, b, c, host])
+    }
+
+    /// Attaches `container` at `ip`.
+    pub fn connect(&self, container: &str, ip: IpAddr) -> Result<()> {
+        docker(&[
+            "network",
+            "connect",
+            "--ip",
+            &ip.to_string(),
+            &self.name,
+            container,
+        ])
+        .map(drop)
+    }
+
+    /// Detaches `container`: nothing on this network reaches it any more, nor it them.
+    pub fn disconnect(&self, container: &str) -> Result<()> {
+        docker(&["network", "disconnect", "--force", &self.name, container]).map(drop)
+    }
+}
+
+impl Drop for DockerNetwork {
+    fn drop(&mut self) {
+        if let Err(e) = docker(&["network", "rm", &self.name]) {
+            eprintln!("could not remove network {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// One member of an [`EtcdContainerCluster`].
+pub struct EtcdContainerMember {
+    container: ContainerAsync<GenericImage>,
+    peer_ip: IpAddr,
+    client_addr: SocketAddr,
+}
+
+impl EtcdContainerMember {
+    /// Where clients reach it (on the clients' network).
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// Its container's id.
+    pub fn id(&self) -> &str {
+        self.container.id()
+    }
+
+    /// Freezes the member.
+    pub async fn pause(&self) -> Result<()> {
+        self.container
+            .pause()
+            .await
+            .with_context(|| format!("pausing {}", self.id()))
+    }
+
+    /// Thaws a paused member.
+    pub async fn resume(&self) -> Result<()> {
+        self.container
+            .unpause()
+            .await
+            .with_context(|| format!("resuming {}", self.id()))
+    }
+}
+
+/// A 3-member etcd cluster in containers on two private networks: the members talk to each other on
+/// the peers' network only, and clients reach them on the clients' network only, so a member cut off
+/// from its peers still serves (or refuses) the clients connected to it, as a partitioned member in
+/// the field does.
+pub struct EtcdContainerCluster {
+    // Dropped before the networks they are on.
+    members: Vec<EtcdContainerMember>,
+    peers: DockerNetwork,
+    _clients: DockerNetwork,
+    image: String,
+}
+
+impl EtcdContainerCluster {
+    /// Starts the cluster and waits until every member serves.
+    pub async fn start(server: ServerImage) -> Result<EtcdContainerCluster> {
+        if !matches!(server, ServerImage::Etcd3_4 | ServerImage::Etcd3_5) {
+            bail!("{server:?} is not an etcd image");
+        }
+        let image = server.image();
+        let (name, tag) = split_image(&image)?;
+        let peers = DockerNetwork::create("peers")?;
+        let clients = DockerNetwork::create("clients")?;
+        let peer_ips: Vec<IpAddr> = (0..3).map(|i| peers.ip(10 + i)).collect();
+        let initial_cluster = peer_ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| format!("m{i}=http://{ip}:2380"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, peer_ip) in peer_ips.iter().enumerate() {
+            let peer_url = format!("http://{peer_ip}:2380");
+            // No readiness wait here: a member serves only once a majority has joined.
+            let container = GenericImage::new(name.clone(), tag.clone())
+                .with_network(clients.name())
+                .with_cmd([
+                    "/usr/local/bin/etcd".to_string(),
+                    "--name".into(),
+                    format!("m{i}"),
+                    "--data-dir".into(),
+                    "/etcd-data".into(),
+                    "--listen-client-urls".into(),
+                    "http://0.0.0.0:2379".into(),
+                    // Clients are given every member's address; nothing discovers this one.
+                    "--advertise-client-urls".into(),
+                    "http://127.0.0.1:2379".into(),
+                    "--listen-peer-urls".into(),
+                    "http://0.0.0.0:2380".into(),
+                    "--initial-advertise-peer-urls".into(),
+                    peer_url,
+                    "--initial-cluster".into(),
+                    initial_cluster.clone(),
+                    "--initial-cluster-state".into(),
+                    "new".into(),
+                    "--initial-cluster-token".into(),
+                    peers.name().to_string(),
+                    "--logger".into(),
+                    "zap".into(),
+                ])
+                .start()
+                .await
+                .with_context(|| {
+                    format!(
+                        "starting etcd member m{i} from {image} (build the local images with scripts/build-test-images, or set {})",
+                        server.env_and_default().0
+                    )
+                })?;
+            peers.connect(container.id(), *peer_ip)?;
+            let client_ip = container
+                .get_bridge_ip_address()
+                .await
+                .with_context(|| format!("the address of etcd member m{i}"))?;
+            members.push(EtcdContainerMember {
+                container,
+                peer_ip: *peer_ip,
+                client_addr: SocketAddr::new(client_ip, 2379),
+            });
+        }
+        let cluster = EtcdContainerCluster {
+            members,
+            peers,
+            _clients: clients,
+            image,
+        };
+        for i in 0..3 {
+            cluster.wait_serving(i).await?;
+        }
+        eprintln!(
+            "launcher: containers (etcd cluster of {} at {})",
+            cluster.image,
+            cluster
+                .members
+                .iter()
+                .map(|m| m.client_addr.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(cluster)
+    }
+
+    /// The members, in the order of their names (m0, m1, m2).
+    pub fn members(&self) -> &[EtcdContainerMember] {
+        &self.members
+    }
+
+    /// Waits (bounded) until member `i` reports itself healthy: it is in a cluster with a leader.
+    pub async fn wait_serving(&self, i: usize) -> Result<()> {
+        let addr = self.members[i].client_addr;
+        let mut last = String::new();
+        for _ in 0..600 {
+            match super::net::http_get(addr, "/health").await {
+                Ok(r) if r.status == 200 && r.body.contains("\"true\"") => return Ok(()),
+                Ok(r) => last = format!("HTTP {}: {}", r.status, r.body.trim()),
+                Err(e) => last = format!("{e:#}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("etcd member m{i} at {addr} is not healthy after 60 s: {last}")
+    }
+
+    /// The index of the member that leads, as member `asked` sees it.
+    pub async fn leader(&self, asked: usize) -> Result<usize> {
+        let status = super::net::http_post_json(
+            self.members[asked].client_addr,
+            "/v3/maintenance/status",
+            &serde_json::json!({}),
+        )
+        .await?
+        .ok()?
+        .json()?;
+        let leader = status["leader"]
+            .as_str()
+            .with_context(|| format!("no leader in {status}"))?
+            .to_string();
+        for i in 0..self.members.len() {
+            let own = super::net::http_post_json(
+                self.members[i].client_addr,
+                "/v3/maintenance/status",
+                &serde_json::json!({}),
+            )
+            .await?
+            .ok()?
+            .json()?;
+            if own["header"]["member_id"].as_str() == Some(leader.as_str()) {
+                return Ok(i);
+            }
+        }
+        bail!("no member has the id of the leader {leader}")
+    }
+
+    /// Cuts member `i` off from its peers (its clients still reach it).
+    pub fn isolate(&self, i: usize) -> Result<()> {
+        self.peers.disconnect(self.members[i].id())
+    }
+
+    /// Joins member `i` to its peers again, on its address.
+    pub fn rejoin(&self, i: usize) -> Result<()> {
+        let member = &self.members[i];
+        self.peers.connect(member.id(), member.peer_ip)
+    }
+
+    /// Stops member `i` with no grace period.
+    pub async fn kill(&self, i: usize) -> Result<()> {
+        self.members[i]
+            .container
+            .stop_with_timeout(Some(0))
+            .await
+            .with_context(|| format!("killing etcd member m{i}"))
+    }
+
+    /// Starts a killed member `i` again with its data, on both its addresses.
+    pub async fn restart(&self, i: usize) -> Result<()> {
+        let member = &self.members[i];
+        member
+            .container
+            .start()
+            .await
+            .with_context(|| format!("starting etcd member m{i} again"))?;
+        let client_ip = member.container.get_bridge_ip_address().await?;
+        if client_ip != member.client_addr.ip() {
+            bail!(
+                "etcd member m{i} came back on {client_ip}, not {}: its clients cannot follow",
+                member.client_addr.ip()
+            );
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::split_image;

@@ -2,12 +2,15 @@
 //! started by `testcontainers` from the images `scripts/build-test-images` builds (or the images
 //! the `DLOCK_IMAGE_*` variables name), each on a private network of its own.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use dlock::{Capabilities, Locks};
 
 use super::{Factory, Link, ProxyLink, StoreFaults};
-use crate::harness::containers::{require_launcher, Launcher, ServerContainer, ServerImage};
+use crate::harness::containers::{
+    require_launcher, EtcdContainerCluster, Launcher, ServerContainer, ServerImage,
+};
 use crate::harness::{self, Backend, ServerProcess, TcpProxy};
 
 /// A store of one server in a container.
@@ -115,6 +118,194 @@ impl Factory for ContainerFactory {
     fn short_ttl(&self) -> Duration {
         // etcd's leases have a minimum TTL (2 s by default), which the driver reports.
         Duration::from_secs(1).max(self.capabilities.min_ttl)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities.clone()
+    }
+}
+
+/// The faults between the members of a cluster that [`EtcdClusterFactory`] injects, in turn, one
+/// per [`StoreFaults::start_fault`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberFault {
+    /// The leader cut off from both its peers while its clients stay connected to it: the other
+    /// two elect a new leader, and the old one must not grant or keep anything meanwhile.
+    IsolateLeader,
+    /// A follower cut off from its peers (a minority of one against a majority of two).
+    IsolateFollower,
+    /// One member killed, and started again with its data when the fault ends.
+    KillAndRestart,
+    /// Every member killed and started again in turn, each once the one before serves again.
+    RollingRestart,
+}
+
+impl MemberFault {
+    /// Every fault, in the order they are injected.
+    pub const ALL: [MemberFault; 4] = [
+        MemberFault::IsolateLeader,
+        MemberFault::IsolateFollower,
+        MemberFault::KillAndRestart,
+        MemberFault::RollingRestart,
+    ];
+}
+
+/// A 3-member etcd cluster in containers whose store faults are [`MemberFault`]s.
+pub struct EtcdClusterFactory {
+    cluster: EtcdContainerCluster,
+    capabilities: Capabilities,
+    /// How many faults were started, and the one in force (with the member it struck).
+    injected: Mutex<(usize, Option<(MemberFault, usize)>)>,
+    tally: Mutex<Vec<(MemberFault, usize)>>,
+}
+
+/// A 3-member etcd 3.5 cluster in containers, for the member-fault history.
+pub async fn setup_etcd_3_5_cluster() -> anyhow::Result<Option<EtcdClusterFactory>> {
+    if !harness::require(Backend::Etcd) || !require_launcher(Launcher::Containers) {
+        return Ok(None);
+    }
+    let cluster = EtcdContainerCluster::start(ServerImage::Etcd3_5).await?;
+    let capabilities = dlock::connect(&url_of(&cluster))
+        .await?
+        .capabilities()
+        .clone();
+    Ok(Some(EtcdClusterFactory {
+        cluster,
+        capabilities,
+        injected: Mutex::new((0, None)),
+        tally: Mutex::new(MemberFault::ALL.iter().map(|&f| (f, 0)).collect()),
+    }))
+}
+
+/// `etcd://A,B,C` for these addresses.
+fn etcd_url(addrs: impl Iterator<Item = String>) -> String {
+    format!("etcd://{}", addrs.collect::<Vec<_>>().join(","))
+}
+
+/// The URL that reaches every member of `cluster` on the clients' network.
+fn url_of(cluster: &EtcdContainerCluster) -> String {
+    etcd_url(
+        cluster
+            .members()
+            .iter()
+            .map(|m| m.client_addr().to_string()),
+    )
+}
+
+impl EtcdClusterFactory {
+    /// How often each fault struck.
+    pub fn tally(&self) -> Vec<(MemberFault, usize)> {
+        self.tally.lock().expect("not poisoned").clone()
+    }
+
+    async fn start(&self, fault: MemberFault, turn: usize) -> anyhow::Result<usize> {
+        let cluster = &self.cluster;
+        Ok(match fault {
+            MemberFault::IsolateLeader => {
+                let leader = cluster.leader(turn % 3).await?;
+                cluster.isolate(leader)?;
+                leader
+            }
+            MemberFault::IsolateFollower => {
+                let follower = (cluster.leader(turn % 3).await? + 1) % 3;
+                cluster.isolate(follower)?;
+                follower
+            }
+            MemberFault::KillAndRestart => {
+                let member = turn % 3;
+                cluster.kill(member).await?;
+                member
+            }
+            MemberFault::RollingRestart => {
+                for member in 0..3 {
+                    cluster.kill(member).await?;
+                    cluster.restart(member).await?;
+                    cluster.wait_serving(member).await?;
+                }
+                0
+            }
+        })
+    }
+
+    async fn end(&self, fault: MemberFault, member: usize) -> anyhow::Result<()> {
+        match fault {
+            MemberFault::IsolateLeader | MemberFault::IsolateFollower => {
+                self.cluster.rejoin(member)
+            }
+            MemberFault::KillAndRestart => self.cluster.restart(member).await,
+            MemberFault::RollingRestart => Ok(()),
+        }
+    }
+}
+
+impl StoreFaults for EtcdClusterFactory {
+    /// None: the faults act on containers and networks.
+    fn processes(&self) -> Vec<&ServerProcess> {
+        Vec::new()
+    }
+
+    /// Every member frozen.
+    fn pause(&self) -> anyhow::Result<()> {
+        self.cluster
+            .members()
+            .iter()
+            .try_for_each(|m| blocking(m.pause()))
+    }
+
+    fn resume(&self) -> anyhow::Result<()> {
+        self.cluster
+            .members()
+            .iter()
+            .try_for_each(|m| blocking(m.resume()))
+    }
+
+    fn start_fault(&self) -> anyhow::Result<()> {
+        let turn = self.injected.lock().expect("not poisoned").0;
+        let fault = MemberFault::ALL[turn % MemberFault::ALL.len()];
+        let member = blocking(self.start(fault, turn))?;
+        *self.injected.lock().expect("not poisoned") = (turn + 1, Some((fault, member)));
+        for (f, n) in self.tally.lock().expect("not poisoned").iter_mut() {
+            if *f == fault {
+                *n += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn end_fault(&self) -> anyhow::Result<()> {
+        let current = self.injected.lock().expect("not poisoned").1.take();
+        match current {
+            Some((fault, member)) => blocking(self.end(fault, member)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Factory for EtcdClusterFactory {
+    async fn client(&self) -> anyhow::Result<Locks> {
+        Ok(dlock::connect(&url_of(&self.cluster)).await?)
+    }
+
+    async fn partitionable_client(&self) -> anyhow::Result<(Locks, Box<dyn Link>)> {
+        let mut proxies = Vec::new();
+        for member in self.cluster.members() {
+            proxies.push(TcpProxy::start(member.client_addr()).await?);
+        }
+        // The driver talks only to the endpoints it is given, so the proxies cut it off completely.
+        let locks = dlock::connect(&etcd_url(proxies.iter().map(|p| p.addr().to_string()))).await?;
+        Ok((locks, Box::new(ProxyLink(proxies))))
+    }
+
+    fn url(&self) -> Option<String> {
+        Some(url_of(&self.cluster))
+    }
+
+    fn faults(&self) -> Option<&dyn StoreFaults> {
+        Some(self)
+    }
+
+    fn short_ttl(&self) -> Duration {
+        Duration::from_secs(2).max(self.capabilities.min_ttl)
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -42,6 +42,17 @@ pub trait StoreFaults: Sync {
         self.processes().into_iter().try_for_each(|p| p.resume())
     }
 
+    /// Starts one fault of the store's choosing, for the history checker; [`StoreFaults::end_fault`]
+    /// ends it. A pause unless the store names faults of its own (a cluster's between its members).
+    fn start_fault(&self) -> anyhow::Result<()> {
+        self.pause()
+    }
+
+    /// Ends the fault [`StoreFaults::start_fault`] started.
+    fn end_fault(&self) -> anyhow::Result<()> {
+        self.resume()
+    }
+
     /// Kills the store (SIGKILL on every server process) and starts every process again on its ports
     /// and data. Waiting until it serves is left to the clients: their retries are under test.
     fn crash_and_restart(&self) -> anyhow::Result<()> {
