@@ -38,18 +38,19 @@ mod nats_2_11 {
     );
 }
 
-/// A 3-member etcd cluster on two networks (peers, clients) with faults between its members — the
+/// 3-member clusters on two networks (peers, clients) with faults between their members — the
 /// leader cut off from its peers while its clients stay connected to it, a follower cut off (a
 /// minority against a majority), a member killed and restarted with its data, and a rolling
 /// restart — injected in turn with client link cuts and lost replies under the history checker,
 /// which must find no violation.
-mod etcd_3_5_cluster {
+mod member_faults {
     use dlock_tests::history::{self, Workload};
-    use dlock_tests::suite::containers::setup_etcd_3_5_cluster;
+    use dlock_tests::suite::containers::{
+        setup_etcd_3_5_cluster, setup_nats_2_11_cluster, ClusterFactory,
+    };
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn history_under_partitions_kills_and_rolling_restarts_of_members_is_linearizable() {
-        let Some(factory) = setup_etcd_3_5_cluster().await.expect("the cluster starts") else {
+    async fn history_under_member_faults(factory: Option<ClusterFactory>) {
+        let Some(factory) = factory else {
             return;
         };
         let workload = Workload {
@@ -67,6 +68,18 @@ mod etcd_3_5_cluster {
             "every member fault must strike at least once: {tally:?}"
         );
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn etcd_3_5_cluster_history_is_linearizable() {
+        history_under_member_faults(setup_etcd_3_5_cluster().await.expect("the cluster starts"))
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn nats_2_11_r3_cluster_history_is_linearizable() {
+        history_under_member_faults(setup_nats_2_11_cluster().await.expect("the cluster starts"))
+            .await;
+    }
 }
 
 /// The member faults cut exactly the links they name: an isolated leader loses its peers (the other
@@ -74,7 +87,7 @@ mod etcd_3_5_cluster {
 /// leader.
 mod etcd_3_5_cluster_faults {
     use anyhow::{ensure, Result};
-    use dlock_tests::harness::containers::{EtcdContainerCluster, Launcher, ServerImage};
+    use dlock_tests::harness::containers::{ContainerCluster, Launcher, ServerImage};
     use dlock_tests::harness::net::http_get;
     use dlock_tests::harness::{self, Backend};
     use dlock_tests::suite::eventually;
@@ -86,7 +99,7 @@ mod etcd_3_5_cluster_faults {
         {
             return Ok(());
         }
-        let cluster = EtcdContainerCluster::start(ServerImage::Etcd3_5).await?;
+        let cluster = ContainerCluster::start(ServerImage::Etcd3_5).await?;
         let old = cluster.leader(0).await?;
         let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
         cluster.isolate(old)?;
@@ -96,7 +109,7 @@ mod etcd_3_5_cluster_faults {
             Ok(matches!((a, b), (Ok(a), Ok(b)) if a == b && a != old))
         })
         .await?;
-        let health = http_get(cluster.members()[old].client_addr(), "/health").await?;
+        let health = http_get(cluster.client_addr(old), "/health").await?;
         ensure!(
             !health.body.contains("\"true\""),
             "the isolated member still calls itself healthy: {}",
@@ -109,6 +122,65 @@ mod etcd_3_5_cluster_faults {
             Ok(cluster.leader(old).await.ok() == Some(new))
         })
         .await?;
+        Ok(())
+    }
+}
+
+/// The same on NATS: the leader of the driver's stream, cut off from its peers, is replaced by one
+/// of the other two while it still answers its clients' monitoring requests.
+mod nats_2_11_cluster_faults {
+    use std::net::SocketAddr;
+
+    use anyhow::{ensure, Result};
+    use dlock_tests::harness::containers::{ContainerCluster, Launcher, ServerImage};
+    use dlock_tests::harness::net::http_get;
+    use dlock_tests::harness::{self, Backend};
+    use dlock_tests::suite::eventually;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_isolated_stream_leader_is_replaced() -> Result<()> {
+        if !harness::require(Backend::Nats)
+            || !harness::containers::require_launcher(Launcher::Containers)
+        {
+            return Ok(());
+        }
+        let cluster = ContainerCluster::start(ServerImage::Nats2_11).await?;
+        let url = format!(
+            "nats://{}?replicas=3&discover=false",
+            (0..3)
+                .map(|i| cluster.client_addr(i).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        // The first lock creates the driver's R3 stream, whose leader the fault picks.
+        let locks = dlock::connect(&url).await?;
+        locks.lock("faults/stream").await?.release().await?;
+        let old = cluster.leader(0).await?;
+        let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+        cluster.isolate(old)?;
+        eventually("the other two nodes elect a new stream leader", || async {
+            let a = cluster.leader(others[0]).await;
+            let b = cluster.leader(others[1]).await;
+            Ok(matches!((a, b), (Ok(a), Ok(b)) if a == b && a != old))
+        })
+        .await?;
+        // Its clients still reach it: the fault cut the peers' network only.
+        let monitor = SocketAddr::new(cluster.client_addr(old).ip(), 8222);
+        let varz = http_get(monitor, "/varz").await?;
+        ensure!(
+            varz.status == 200,
+            "the isolated node must still answer on the clients' network: HTTP {}",
+            varz.status
+        );
+        cluster.rejoin(old)?;
+        cluster.wait_serving(old).await?;
+        let new = cluster.leader(others[0]).await?;
+        eventually(
+            "the rejoined node follows the new stream leader",
+            || async { Ok(cluster.leader(old).await.ok() == Some(new)) },
+        )
+        .await?;
+        locks.lock("faults/stream").await?.release().await?;
         Ok(())
     }
 }

@@ -120,6 +120,17 @@ enum Running {
     Etcd(ContainerAsync<GenericImage>),
 }
 
+/// Runs `$body` with `$c` bound to the container, whichever image type started it.
+macro_rules! on_container {
+    ($running:expr, $c:ident => $body:expr) => {
+        match $running {
+            Running::Redis($c) => $body,
+            Running::Nats($c) => $body,
+            Running::Etcd($c) => $body,
+        }
+    };
+}
+
 /// One server in a container of its own, on a private network of its own. Removed (with its
 /// network) when dropped.
 pub struct ServerContainer {
@@ -204,31 +215,14 @@ impl ServerContainer {
                     .with_wait_for(WaitFor::message_on_stderr("serving client traffic"))
                     .with_network(network)
                     .with_startup_timeout(startup)
-                    // The official image has no entrypoint: its command names the binary.
-                    .with_cmd([
-                        "/usr/local/bin/etcd",
-                        "--name",
-                        "m0",
-                        "--data-dir",
-                        "/etcd-data",
-                        "--listen-client-urls",
-                        "http://0.0.0.0:2379",
-                        "--advertise-client-urls",
-                        "http://127.0.0.1:2379",
-                        "--logger",
-                        "zap",
-                    ])
+                    .with_cmd(etcd_cmd("m0"))
                     .start()
                     .await
                     .with_context(hint)?,
             ),
         };
-        let ip = match &running {
-            Running::Redis(c) => c.get_bridge_ip_address().await,
-            Running::Nats(c) => c.get_bridge_ip_address().await,
-            Running::Etcd(c) => c.get_bridge_ip_address().await,
-        }
-        .with_context(|| format!("the address of the {image} container"))?;
+        let ip = on_container!(&running, c => c.get_bridge_ip_address().await)
+            .with_context(|| format!("the address of the {image} container"))?;
         let addr = SocketAddr::new(ip, server.client_port());
         let container = ServerContainer {
             running,
@@ -260,54 +254,30 @@ impl ServerContainer {
     }
 
     fn id(&self) -> &str {
-        match &self.running {
-            Running::Redis(c) => c.id(),
-            Running::Nats(c) => c.id(),
-            Running::Etcd(c) => c.id(),
-        }
+        on_container!(&self.running, c => c.id())
     }
 
     /// Freezes every process in the container (the cgroup freezer, as `docker pause`).
     pub async fn pause(&self) -> Result<()> {
-        match &self.running {
-            Running::Redis(c) => c.pause().await,
-            Running::Nats(c) => c.pause().await,
-            Running::Etcd(c) => c.pause().await,
-        }
-        .with_context(|| format!("pausing {}", self.id()))
+        on_container!(&self.running, c => c.pause().await)
+            .with_context(|| format!("pausing {}", self.id()))
     }
 
     /// Thaws a paused container.
     pub async fn resume(&self) -> Result<()> {
-        match &self.running {
-            Running::Redis(c) => c.unpause().await,
-            Running::Nats(c) => c.unpause().await,
-            Running::Etcd(c) => c.unpause().await,
-        }
-        .with_context(|| format!("resuming {}", self.id()))
+        on_container!(&self.running, c => c.unpause().await)
+            .with_context(|| format!("resuming {}", self.id()))
     }
 
     /// Stops the server with no grace period (Docker's stop with a zero timeout: SIGKILL right after
     /// the stop signal) and starts the same container again, with its data. Fails if it comes back
     /// on another address, which its clients could not follow.
     pub async fn crash_and_restart(&self) -> Result<()> {
-        let (stopped, started, ip) = match &self.running {
-            Running::Redis(c) => (
-                c.stop_with_timeout(Some(0)).await,
-                c.start().await,
-                c.get_bridge_ip_address().await,
-            ),
-            Running::Nats(c) => (
-                c.stop_with_timeout(Some(0)).await,
-                c.start().await,
-                c.get_bridge_ip_address().await,
-            ),
-            Running::Etcd(c) => (
-                c.stop_with_timeout(Some(0)).await,
-                c.start().await,
-                c.get_bridge_ip_address().await,
-            ),
-        };
+        let (stopped, started, ip) = on_container!(&self.running, c => (
+            c.stop_with_timeout(Some(0)).await,
+            c.start().await,
+            c.get_bridge_ip_address().await,
+        ));
         stopped.with_context(|| format!("killing {}", self.id()))?;
         started.with_context(|| format!("starting {} again", self.id()))?;
         let ip = ip.with_context(|| format!("the address of {} after its restart", self.id()))?;
@@ -407,19 +377,14 @@ impl Drop for DockerNetwork {
     }
 }
 
-/// One member of an [`EtcdContainerCluster`].
-pub struct EtcdContainerMember {
+/// One member of a [`ContainerCluster`].
+pub struct ClusterMember {
     container: ContainerAsync<GenericImage>,
     peer_ip: IpAddr,
-    client_addr: SocketAddr,
+    client_ip: IpAddr,
 }
 
-impl EtcdContainerMember {
-    /// Where clients reach it (on the clients' network).
-    pub fn client_addr(&self) -> SocketAddr {
-        self.client_addr
-    }
-
+impl ClusterMember {
     /// Its container's id.
     pub fn id(&self) -> &str {
         self.container.id()
@@ -442,70 +407,60 @@ impl EtcdContainerMember {
     }
 }
 
-/// A 3-member etcd cluster in containers on two private networks: the members talk to each other on
-/// the peers' network only, and clients reach them on the clients' network only, so a member cut off
-/// from its peers still serves (or refuses) the clients connected to it, as a partitioned member in
-/// the field does.
-pub struct EtcdContainerCluster {
+/// The store a [`ContainerCluster`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClusterKind {
+    Etcd,
+    Nats,
+}
+
+/// A 3-member cluster (etcd, or NATS with JetStream) in containers on two private networks: the
+/// members talk to each other on the peers' network only, and clients reach them on the clients'
+/// network only, so a member cut off from its peers still serves (or refuses) the clients connected
+/// to it, as a partitioned member in the field does.
+///
+/// The members are `GenericImage`s for both stores: a member serves only once its peers are up,
+/// so none is waited for until all three run (the module images would wait for each).
+pub struct ContainerCluster {
+    kind: ClusterKind,
     // Dropped before the networks they are on.
-    members: Vec<EtcdContainerMember>,
+    members: Vec<ClusterMember>,
     peers: DockerNetwork,
     _clients: DockerNetwork,
     image: String,
 }
 
-impl EtcdContainerCluster {
-    /// Starts the cluster and waits until every member serves.
-    pub async fn start(server: ServerImage) -> Result<EtcdContainerCluster> {
-        if !matches!(server, ServerImage::Etcd3_4 | ServerImage::Etcd3_5) {
-            bail!("{server:?} is not an etcd image");
-        }
+/// The JetStream stream the driver uses unless told otherwise.
+const NATS_STREAM: &str = "DLOCK";
+
+impl ContainerCluster {
+    /// Starts a 3-member cluster of `server` (an etcd or a NATS image) and waits until every
+    /// member serves.
+    pub async fn start(server: ServerImage) -> Result<ContainerCluster> {
+        let kind = match server {
+            ServerImage::Etcd3_4 | ServerImage::Etcd3_5 => ClusterKind::Etcd,
+            ServerImage::Nats2_9 | ServerImage::Nats2_11 => ClusterKind::Nats,
+            ServerImage::Redis7 => bail!("the container clusters are etcd and NATS"),
+        };
         let image = server.image();
         let (name, tag) = split_image(&image)?;
         let peers = DockerNetwork::create("peers")?;
         let clients = DockerNetwork::create("clients")?;
         let peer_ips: Vec<IpAddr> = (0..3).map(|i| peers.ip(10 + i)).collect();
-        let initial_cluster = peer_ips
-            .iter()
-            .enumerate()
-            .map(|(i, ip)| format!("m{i}=http://{ip}:2380"))
-            .collect::<Vec<_>>()
-            .join(",");
         let mut members = Vec::new();
         for (i, peer_ip) in peer_ips.iter().enumerate() {
-            let peer_url = format!("http://{peer_ip}:2380");
-            // No readiness wait here: a member serves only once a majority has joined.
+            let cmd = match kind {
+                ClusterKind::Etcd => etcd_member_cmd(i, &peer_ips, peers.name()),
+                ClusterKind::Nats => nats_node_cmd(i, &peer_ips),
+            };
             let container = GenericImage::new(name.clone(), tag.clone())
                 .with_network(clients.name())
-                .with_cmd([
-                    "/usr/local/bin/etcd".to_string(),
-                    "--name".into(),
-                    format!("m{i}"),
-                    "--data-dir".into(),
-                    "/etcd-data".into(),
-                    "--listen-client-urls".into(),
-                    "http://0.0.0.0:2379".into(),
-                    // Clients are given every member's address; nothing discovers this one.
-                    "--advertise-client-urls".into(),
-                    "http://127.0.0.1:2379".into(),
-                    "--listen-peer-urls".into(),
-                    "http://0.0.0.0:2380".into(),
-                    "--initial-advertise-peer-urls".into(),
-                    peer_url,
-                    "--initial-cluster".into(),
-                    initial_cluster.clone(),
-                    "--initial-cluster-state".into(),
-                    "new".into(),
-                    "--initial-cluster-token".into(),
-                    peers.name().to_string(),
-                    "--logger".into(),
-                    "zap".into(),
-                ])
+                .with_cmd(cmd)
                 .start()
                 .await
                 .with_context(|| {
                     format!(
-                        "starting etcd member m{i} from {image} (build the local images with scripts/build-test-images, or set {})",
+                        "starting cluster member {i} from {image} (build the local images with scripts/build-test-images, or set {})",
                         server.env_and_default().0
                     )
                 })?;
@@ -513,14 +468,15 @@ impl EtcdContainerCluster {
             let client_ip = container
                 .get_bridge_ip_address()
                 .await
-                .with_context(|| format!("the address of etcd member m{i}"))?;
-            members.push(EtcdContainerMember {
+                .with_context(|| format!("the address of cluster member {i}"))?;
+            members.push(ClusterMember {
                 container,
                 peer_ip: *peer_ip,
-                client_addr: SocketAddr::new(client_ip, 2379),
+                client_ip,
             });
         }
-        let cluster = EtcdContainerCluster {
+        let cluster = ContainerCluster {
+            kind,
             members,
             peers,
             _clients: clients,
@@ -530,66 +486,129 @@ impl EtcdContainerCluster {
             cluster.wait_serving(i).await?;
         }
         eprintln!(
-            "launcher: containers (etcd cluster of {} at {})",
+            "launcher: containers (cluster of {} at {})",
             cluster.image,
-            cluster
-                .members
-                .iter()
-                .map(|m| m.client_addr.to_string())
+            (0..3)
+                .map(|i| cluster.client_addr(i).to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
         );
         Ok(cluster)
     }
 
-    /// The members, in the order of their names (m0, m1, m2).
-    pub fn members(&self) -> &[EtcdContainerMember] {
+    /// The members, in the order of their names (etcd's m0..m2, NATS's n0..n2).
+    pub fn members(&self) -> &[ClusterMember] {
         &self.members
     }
 
-    /// Waits (bounded) until member `i` reports itself healthy: it is in a cluster with a leader.
+    /// Where clients reach member `i` (on the clients' network).
+    pub fn client_addr(&self, i: usize) -> SocketAddr {
+        let port = match self.kind {
+            ClusterKind::Etcd => 2379,
+            ClusterKind::Nats => 4222,
+        };
+        SocketAddr::new(self.members[i].client_ip, port)
+    }
+
+    /// Member `i`'s monitoring address: etcd serves it on the client port, NATS on 8222.
+    fn monitor_addr(&self, i: usize) -> SocketAddr {
+        match self.kind {
+            ClusterKind::Etcd => self.client_addr(i),
+            ClusterKind::Nats => SocketAddr::new(self.members[i].client_ip, 8222),
+        }
+    }
+
+    /// Waits (bounded) until member `i` is healthy: in a cluster with a leader (for NATS: a
+    /// JetStream meta leader).
     pub async fn wait_serving(&self, i: usize) -> Result<()> {
-        let addr = self.members[i].client_addr;
         let mut last = String::new();
         for _ in 0..600 {
-            match super::net::http_get(addr, "/health").await {
-                Ok(r) if r.status == 200 && r.body.contains("\"true\"") => return Ok(()),
-                Ok(r) => last = format!("HTTP {}: {}", r.status, r.body.trim()),
+            match self.serving(i).await {
+                Ok(()) => return Ok(()),
                 Err(e) => last = format!("{e:#}"),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("etcd member m{i} at {addr} is not healthy after 60 s: {last}")
+        bail!("cluster member {i} is not healthy after 60 s: {last}")
     }
 
-    /// The index of the member that leads, as member `asked` sees it.
-    pub async fn leader(&self, asked: usize) -> Result<usize> {
-        let status = super::net::http_post_json(
-            self.members[asked].client_addr,
-            "/v3/maintenance/status",
-            &serde_json::json!({}),
-        )
-        .await?
-        .ok()?
-        .json()?;
-        let leader = status["leader"]
-            .as_str()
-            .with_context(|| format!("no leader in {status}"))?
-            .to_string();
-        for i in 0..self.members.len() {
-            let own = super::net::http_post_json(
-                self.members[i].client_addr,
-                "/v3/maintenance/status",
-                &serde_json::json!({}),
-            )
-            .await?
-            .ok()?
-            .json()?;
-            if own["header"]["member_id"].as_str() == Some(leader.as_str()) {
-                return Ok(i);
+    async fn serving(&self, i: usize) -> Result<()> {
+        let addr = self.monitor_addr(i);
+        match self.kind {
+            ClusterKind::Etcd => {
+                let r = super::net::http_get(addr, "/health").await?;
+                if r.status != 200 || !r.body.contains("\"true\"") {
+                    bail!("/health: HTTP {}: {}", r.status, r.body.trim());
+                }
+            }
+            ClusterKind::Nats => {
+                let r = super::net::http_get(addr, "/healthz").await?;
+                if r.json().ok().is_none_or(|v| v["status"] != "ok") {
+                    bail!("/healthz: HTTP {}: {}", r.status, r.body.trim());
+                }
+                let jsz = super::net::http_get(addr, "/jsz").await?.ok()?.json()?;
+                if jsz["meta_cluster"]["leader"]
+                    .as_str()
+                    .is_none_or(str::is_empty)
+                {
+                    bail!("no JetStream meta leader yet");
+                }
             }
         }
-        bail!("no member has the id of the leader {leader}")
+        Ok(())
+    }
+
+    /// The index of the member that leads, as member `asked` sees it: etcd's Raft leader; for
+    /// NATS the leader of the driver's stream once it exists (the meta leader before).
+    pub async fn leader(&self, asked: usize) -> Result<usize> {
+        match self.kind {
+            ClusterKind::Etcd => {
+                let status = |i: usize| async move {
+                    super::net::http_post_json(
+                        self.monitor_addr(i),
+                        "/v3/maintenance/status",
+                        &serde_json::json!({}),
+                    )
+                    .await?
+                    .ok()?
+                    .json()
+                };
+                let seen = status(asked).await?;
+                let leader = seen["leader"]
+                    .as_str()
+                    .with_context(|| format!("no leader in {seen}"))?
+                    .to_string();
+                for i in 0..self.members.len() {
+                    if status(i).await?["header"]["member_id"].as_str() == Some(leader.as_str()) {
+                        return Ok(i);
+                    }
+                }
+                bail!("no member has the id of the leader {leader}")
+            }
+            ClusterKind::Nats => {
+                let addr = self.monitor_addr(asked);
+                let jsz = super::net::http_get(addr, "/jsz?accounts=true&streams=true")
+                    .await?
+                    .ok()?
+                    .json()?;
+                let stream_leader = jsz["account_details"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+                    .find(|s| s["name"] == NATS_STREAM)
+                    .and_then(|s| s["cluster"]["leader"].as_str().map(str::to_string));
+                let leader = stream_leader
+                    .or_else(|| jsz["meta_cluster"]["leader"].as_str().map(str::to_string))
+                    .filter(|l| !l.is_empty())
+                    .with_context(|| format!("member {asked} knows no leader"))?;
+                leader
+                    .strip_prefix('n')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .filter(|&n| n < self.members.len())
+                    .with_context(|| format!("the leader {leader:?} is not one of n0..n2"))
+            }
+        }
     }
 
     /// Cuts member `i` off from its peers (its clients still reach it).
@@ -609,7 +628,7 @@ impl EtcdContainerCluster {
             .container
             .stop_with_timeout(Some(0))
             .await
-            .with_context(|| format!("killing etcd member m{i}"))
+            .with_context(|| format!("killing cluster member {i}"))
     }
 
     /// Starts a killed member `i` again with its data, on both its addresses.
@@ -619,16 +638,97 @@ impl EtcdContainerCluster {
             .container
             .start()
             .await
-            .with_context(|| format!("starting etcd member m{i} again"))?;
+            .with_context(|| format!("starting cluster member {i} again"))?;
         let client_ip = member.container.get_bridge_ip_address().await?;
-        if client_ip != member.client_addr.ip() {
+        if client_ip != member.client_ip {
             bail!(
-                "etcd member m{i} came back on {client_ip}, not {}: its clients cannot follow",
-                member.client_addr.ip()
+                "cluster member {i} came back on {client_ip}, not {}: its clients cannot follow",
+                member.client_ip
             );
         }
         Ok(())
     }
+}
+
+/// An etcd member named `name` serving clients on every interface. The official image has no
+/// entrypoint, so the command names the binary. Clients are given every member's address; nothing
+/// discovers the advertised client URL.
+fn etcd_cmd(name: &str) -> Vec<String> {
+    [
+        "/usr/local/bin/etcd",
+        "--name",
+        name,
+        "--data-dir",
+        "/etcd-data",
+        "--listen-client-urls",
+        "http://0.0.0.0:2379",
+        "--advertise-client-urls",
+        "http://127.0.0.1:2379",
+        "--logger",
+        "zap",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// etcd member `i` of three whose peers are at `peer_ips`.
+fn etcd_member_cmd(i: usize, peer_ips: &[IpAddr], token: &str) -> Vec<String> {
+    let initial_cluster = peer_ips
+        .iter()
+        .enumerate()
+        .map(|(j, ip)| format!("m{j}=http://{ip}:2380"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = etcd_cmd(&format!("m{i}"));
+    cmd.extend(
+        [
+            "--listen-peer-urls",
+            "http://0.0.0.0:2380",
+            "--initial-advertise-peer-urls",
+            &format!("http://{}:2380", peer_ips[i]),
+            "--initial-cluster",
+            &initial_cluster,
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            token,
+        ]
+        .map(str::to_string),
+    );
+    cmd
+}
+
+/// NATS node `i` of three with JetStream, routes to the others at `peer_ips`, monitoring on 8222.
+/// Clients connect with `discover=false`, so the client addresses servers gossip (which include
+/// the peers' network) are never used.
+fn nats_node_cmd(i: usize, peer_ips: &[IpAddr]) -> Vec<String> {
+    let routes = peer_ips
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != i)
+        .map(|(_, ip)| format!("nats://{ip}:6222"))
+        .collect::<Vec<_>>()
+        .join(",");
+    [
+        "--server_name",
+        &format!("n{i}"),
+        "--jetstream",
+        "--store_dir",
+        "/nats-data",
+        "--http_port",
+        "8222",
+        "--cluster_name",
+        "dlock",
+        // On every interface: the peers' network is attached only once the container runs.
+        "--cluster",
+        "nats://0.0.0.0:6222",
+        "--cluster_advertise",
+        &format!("{}:6222", peer_ips[i]),
+        "--routes",
+        &routes,
+    ]
+    .map(str::to_string)
+    .to_vec()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use dlock::{Capabilities, Locks};
 
 use super::{Factory, Link, ProxyLink, StoreFaults};
 use crate::harness::containers::{
-    require_launcher, EtcdContainerCluster, Launcher, ServerContainer, ServerImage,
+    require_launcher, ContainerCluster, Launcher, ServerContainer, ServerImage,
 };
 use crate::harness::{self, Backend, ServerProcess, TcpProxy};
 
@@ -125,12 +125,13 @@ impl Factory for ContainerFactory {
     }
 }
 
-/// The faults between the members of a cluster that [`EtcdClusterFactory`] injects, in turn, one
-/// per [`StoreFaults::start_fault`].
+/// The faults between the members of a cluster that [`ClusterFactory`] injects, in turn, one per
+/// [`StoreFaults::start_fault`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemberFault {
-    /// The leader cut off from both its peers while its clients stay connected to it: the other
-    /// two elect a new leader, and the old one must not grant or keep anything meanwhile.
+    /// The leader (etcd's Raft leader, the leader of the driver's JetStream stream) cut off from
+    /// both its peers while its clients stay connected to it: the other two elect a new leader,
+    /// and the old one must not grant or keep anything meanwhile.
     IsolateLeader,
     /// A follower cut off from its peers (a minority of one against a majority of two).
     IsolateFollower,
@@ -150,9 +151,10 @@ impl MemberFault {
     ];
 }
 
-/// A 3-member etcd cluster in containers whose store faults are [`MemberFault`]s.
-pub struct EtcdClusterFactory {
-    cluster: EtcdContainerCluster,
+/// A 3-member cluster in containers whose store faults are [`MemberFault`]s.
+pub struct ClusterFactory {
+    server: ServerImage,
+    cluster: ContainerCluster,
     capabilities: Capabilities,
     /// How many faults were started, and the one in force (with the member it struck).
     injected: Mutex<(usize, Option<(MemberFault, usize)>)>,
@@ -160,16 +162,30 @@ pub struct EtcdClusterFactory {
 }
 
 /// A 3-member etcd 3.5 cluster in containers, for the member-fault history.
-pub async fn setup_etcd_3_5_cluster() -> anyhow::Result<Option<EtcdClusterFactory>> {
-    if !harness::require(Backend::Etcd) || !require_launcher(Launcher::Containers) {
+pub async fn setup_etcd_3_5_cluster() -> anyhow::Result<Option<ClusterFactory>> {
+    setup_cluster(ServerImage::Etcd3_5, Backend::Etcd).await
+}
+
+/// A 3-node NATS 2.11+ cluster with JetStream (R3) in containers, for the member-fault history.
+pub async fn setup_nats_2_11_cluster() -> anyhow::Result<Option<ClusterFactory>> {
+    setup_cluster(ServerImage::Nats2_11, Backend::Nats).await
+}
+
+async fn setup_cluster(
+    server: ServerImage,
+    backend: Backend,
+) -> anyhow::Result<Option<ClusterFactory>> {
+    if !harness::require(backend) || !require_launcher(Launcher::Containers) {
         return Ok(None);
     }
-    let cluster = EtcdContainerCluster::start(ServerImage::Etcd3_5).await?;
-    let capabilities = dlock::connect(&url_of(&cluster))
+    let cluster = ContainerCluster::start(server).await?;
+    let addrs: Vec<String> = (0..3).map(|i| cluster.client_addr(i).to_string()).collect();
+    let capabilities = dlock::connect(&cluster_url(server, &addrs))
         .await?
         .capabilities()
         .clone();
-    Ok(Some(EtcdClusterFactory {
+    Ok(Some(ClusterFactory {
+        server,
         cluster,
         capabilities,
         injected: Mutex::new((0, None)),
@@ -177,25 +193,28 @@ pub async fn setup_etcd_3_5_cluster() -> anyhow::Result<Option<EtcdClusterFactor
     }))
 }
 
-/// `etcd://A,B,C` for these addresses.
-fn etcd_url(addrs: impl Iterator<Item = String>) -> String {
-    format!("etcd://{}", addrs.collect::<Vec<_>>().join(","))
+/// The URL of a cluster of `server` reached at `addrs`. The driver talks only to the addresses it
+/// is given (NATS: `discover=false`), so a client behind proxies can be cut off completely.
+fn cluster_url(server: ServerImage, addrs: &[String]) -> String {
+    let addrs = addrs.join(",");
+    match server {
+        ServerImage::Nats2_9 | ServerImage::Nats2_11 => {
+            format!("nats://{addrs}?replicas=3&discover=false")
+        }
+        _ => format!("etcd://{addrs}"),
+    }
 }
 
-/// The URL that reaches every member of `cluster` on the clients' network.
-fn url_of(cluster: &EtcdContainerCluster) -> String {
-    etcd_url(
-        cluster
-            .members()
-            .iter()
-            .map(|m| m.client_addr().to_string()),
-    )
-}
-
-impl EtcdClusterFactory {
+impl ClusterFactory {
     /// How often each fault struck.
     pub fn tally(&self) -> Vec<(MemberFault, usize)> {
         self.tally.lock().expect("not poisoned").clone()
+    }
+
+    fn member_addrs(&self) -> Vec<String> {
+        (0..3)
+            .map(|i| self.cluster.client_addr(i).to_string())
+            .collect()
     }
 
     async fn start(&self, fault: MemberFault, turn: usize) -> anyhow::Result<usize> {
@@ -238,7 +257,7 @@ impl EtcdClusterFactory {
     }
 }
 
-impl StoreFaults for EtcdClusterFactory {
+impl StoreFaults for ClusterFactory {
     /// None: the faults act on containers and networks.
     fn processes(&self) -> Vec<&ServerProcess> {
         Vec::new()
@@ -281,23 +300,23 @@ impl StoreFaults for EtcdClusterFactory {
     }
 }
 
-impl Factory for EtcdClusterFactory {
+impl Factory for ClusterFactory {
     async fn client(&self) -> anyhow::Result<Locks> {
-        Ok(dlock::connect(&url_of(&self.cluster)).await?)
+        Ok(dlock::connect(&cluster_url(self.server, &self.member_addrs())).await?)
     }
 
     async fn partitionable_client(&self) -> anyhow::Result<(Locks, Box<dyn Link>)> {
         let mut proxies = Vec::new();
-        for member in self.cluster.members() {
-            proxies.push(TcpProxy::start(member.client_addr()).await?);
+        for i in 0..3 {
+            proxies.push(TcpProxy::start(self.cluster.client_addr(i)).await?);
         }
-        // The driver talks only to the endpoints it is given, so the proxies cut it off completely.
-        let locks = dlock::connect(&etcd_url(proxies.iter().map(|p| p.addr().to_string()))).await?;
+        let addrs: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+        let locks = dlock::connect(&cluster_url(self.server, &addrs)).await?;
         Ok((locks, Box::new(ProxyLink(proxies))))
     }
 
     fn url(&self) -> Option<String> {
-        Some(url_of(&self.cluster))
+        Some(cluster_url(self.server, &self.member_addrs()))
     }
 
     fn faults(&self) -> Option<&dyn StoreFaults> {
@@ -305,7 +324,8 @@ impl Factory for EtcdClusterFactory {
     }
 
     fn short_ttl(&self) -> Duration {
-        Duration::from_secs(2).max(self.capabilities.min_ttl)
+        // etcd's leases have a minimum TTL (2 s by default), which the driver reports.
+        Duration::from_secs(1).max(self.capabilities.min_ttl)
     }
 
     fn capabilities(&self) -> Capabilities {
