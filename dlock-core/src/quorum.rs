@@ -685,8 +685,9 @@ impl Driver for Quorum {
         let inner = &*self.inner;
         let n = inner.members.len();
         if let Some(existing) = inner.tracked(&request.key) {
-            // A retried enqueue: answer from what the quorum already knows. The keeper's renewals
-            // already count from the members' own answers.
+            // A retried enqueue (its caller lost the first answer): answer from what the quorum
+            // already knows. Core never retries one (it gives a failed enqueue back instead), so no
+            // lock's validity counts from this answer.
             let state = lock(&existing.state);
             return Ok(state.grant.map_or(Queued::Waiting, Queued::Granted).into());
         }
