@@ -248,11 +248,6 @@ impl ServerContainer {
         self.addr.ip()
     }
 
-    /// The image it runs.
-    pub fn image(&self) -> &str {
-        &self.image
-    }
-
     fn id(&self) -> &str {
         on_container!(&self.running, c => c.id())
     }

@@ -158,7 +158,6 @@ pub struct ClusterFactory {
     capabilities: Capabilities,
     /// How many faults were started, and the one in force (with the member it struck).
     injected: Mutex<(usize, Option<(MemberFault, usize)>)>,
-    tally: Mutex<Vec<(MemberFault, usize)>>,
 }
 
 /// A 3-member etcd 3.5 cluster in containers, for the member-fault history.
@@ -189,7 +188,6 @@ async fn setup_cluster(
         cluster,
         capabilities,
         injected: Mutex::new((0, None)),
-        tally: Mutex::new(MemberFault::ALL.iter().map(|&f| (f, 0)).collect()),
     }))
 }
 
@@ -208,7 +206,14 @@ fn cluster_url(server: ServerImage, addrs: &[String]) -> String {
 impl ClusterFactory {
     /// How often each fault struck.
     pub fn tally(&self) -> Vec<(MemberFault, usize)> {
-        self.tally.lock().expect("not poisoned").clone()
+        // The faults strike in turn, so the count of each follows from how many struck.
+        let struck = self.injected.lock().expect("not poisoned").0;
+        let kinds = MemberFault::ALL.len();
+        MemberFault::ALL
+            .iter()
+            .enumerate()
+            .map(|(k, &fault)| (fault, struck / kinds + usize::from(k < struck % kinds)))
+            .collect()
     }
 
     fn member_addrs(&self) -> Vec<String> {
@@ -283,11 +288,6 @@ impl StoreFaults for ClusterFactory {
         let fault = MemberFault::ALL[turn % MemberFault::ALL.len()];
         let member = blocking(self.start(fault, turn))?;
         *self.injected.lock().expect("not poisoned") = (turn + 1, Some((fault, member)));
-        for (f, n) in self.tally.lock().expect("not poisoned").iter_mut() {
-            if *f == fault {
-                *n += 1;
-            }
-        }
         Ok(())
     }
 
